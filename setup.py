@@ -1,0 +1,28 @@
+"""keel_jax: very deep decoder-only Transformers in JAX/Flax (Keel and its baselines)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="keel_jax",
+    version="0.1.0",
+    description="Keel (Post-LN with a scaled Highway shortcut) and baselines, scanned over depth, in JAX/Flax.",
+    packages=find_packages(include=["keel_jax", "keel_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10,<0.12",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "grain>=0.2.18,<0.3",
+        "ml-collections>=1.1,<2",
+        "chex>=0.1.92,<0.2",
+        "numpy>=2.0,<3",
+        "absl-py>=2.1,<3",
+        "tqdm>=4.66,<5",
+        "tensorboardX>=2.6,<3",
+        "matplotlib>=3.8,<4",
+        "tokenizers>=0.20,<1",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6,<8"],
+    },
+)
