@@ -1,0 +1,96 @@
+"""Causal grouped-query attention with rotary position embeddings and an optional KV cache.
+
+Shapes: B batch, T query length, S key length, D model width, H query heads, K key/value heads,
+G = H // K query heads per KV head, Dh head dim.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from keel_jax.model_config import ModelConfig
+
+
+def rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (rotate-half form): pairs (i, i + Dh/2) rotate by position * theta^(-2i/Dh)."""
+  half = x_BxTxNxDh.shape[-1] // 2
+  inv_freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxTx1xF = positions_BxT.astype(jnp.float32)[:, :, None, None] * inv_freq_F[None, None, None, :]
+  sin, cos = jnp.sin(angle_BxTx1xF), jnp.cos(angle_BxTx1xF)
+  x = x_BxTxNxDh.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxDh.dtype)
+
+
+def dense(features, axes, init_std, dtype, name, in_axis=-1):
+  """DenseGeneral with N(0, init_std^2) weights, no bias, float32 params, logical axis names."""
+  init = nn.with_logical_partitioning(nn.initializers.normal(init_std), axes)
+  return nn.DenseGeneral(features, axis=in_axis, use_bias=False, kernel_init=init,
+                         dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class Attention(nn.Module):
+  """F_attn: x_BxTxD -> BxTxD. `vo_init_scale` scales V/O init (DeepNorm's beta).
+
+  With `decode=True` the keys and values go to a 'cache' collection of length max_seq_len and the
+  queries attend to every cached position <= their own; prefill and one-token steps share this path.
+  """
+  cfg: ModelConfig
+  vo_init_scale: float = 1.0
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    c, dt = self.cfg, self.cfg.compute_dtype
+    H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
+    B, T, _ = x_BxTxD.shape
+    q = dense((H, Dh), ("embed", "heads", "kv"), c.init_std, dt, "q")(x_BxTxD)
+    k = dense((K, Dh), ("embed", "kv_heads", "kv"), c.init_std, dt, "k")(x_BxTxD)
+    v = dense((K, Dh), ("embed", "kv_heads", "kv"), c.init_std * self.vo_init_scale, dt, "v")(x_BxTxD)
+    q_BxTxHxDh = rope(q, positions_BxT, c.rope_theta)
+    k_BxSxKxDh = rope(k, positions_BxT, c.rope_theta)
+    v_BxSxKxDh = v
+    q_pos_BxT, k_pos_BxS = positions_BxT, positions_BxT
+
+    if self.decode:
+      S = c.max_seq_len
+      ck = self.variable("cache", "key", jnp.zeros, (B, S, K, Dh), dt)
+      cv = self.variable("cache", "value", jnp.zeros, (B, S, K, Dh), dt)
+      idx = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      if not self.is_initializing():
+        i = idx.value
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k_BxSxKxDh.astype(dt), (0, i, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v_BxSxKxDh.astype(dt), (0, i, 0, 0))
+        idx.value = i + T
+      k_BxSxKxDh, v_BxSxKxDh = ck.value, cv.value
+      k_pos_BxS = jnp.broadcast_to(jnp.arange(S)[None, :], (B, S))
+
+    G = H // K
+    q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh)
+    logits_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxSxKxDh,
+                                  preferred_element_type=jnp.float32) / jnp.sqrt(Dh).astype(jnp.float32)
+    causal_Bx1x1xTxS = (k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None])[:, None, None]
+    logits_BxKxGxTxS = jnp.where(causal_Bx1x1xTxS, logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
+    self.sow("intermediates", "attention_probs", probs)  # only kept when the caller asks (notebooks)
+    out_BxTxKxGxDh = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh.astype(dt))
+    out_BxTxHxDh = out_BxTxKxGxDh.reshape(B, T, H, Dh)
+    return dense(c.d_model, ("heads", "kv", "embed"), c.init_std * self.vo_init_scale, dt, "o",
+                 in_axis=(-2, -1))(out_BxTxHxDh)
+
+
+class SwiGLU(nn.Module):
+  """F_ffn: x_BxTxD -> BxTxD, down(silu(gate(x)) * up(x)). `init_scale` is DeepNorm's beta."""
+  cfg: ModelConfig
+  init_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    c, dt = self.cfg, self.cfg.compute_dtype
+    std = c.init_std * self.init_scale
+    gate_BxTxF = dense(c.d_ff, ("embed", "mlp"), std, dt, "gate")(x_BxTxD)
+    up_BxTxF = dense(c.d_ff, ("embed", "mlp"), std, dt, "up")(x_BxTxD)
+    h_BxTxF = nn.with_logical_constraint(nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"))
+    return dense(c.d_model, ("mlp", "embed"), std, dt, "down")(h_BxTxF)
