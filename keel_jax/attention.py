@@ -5,6 +5,8 @@ G = H // K query heads per KV head, Dh head dim.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,11 +26,29 @@ def rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.A
   return out.astype(x_BxTxNxDh.dtype)
 
 
+class Dense(nn.Module):
+  """x[..., *in] @ W[*in, *out] with W ~ N(0, std^2), float32, logically named, no bias.
+
+  (flax's DenseGeneral initialises a flattened kernel, which clashes with multi-axis logical names.)
+  """
+  features: tuple[int, ...]
+  axes: tuple[str, ...]
+  std: float
+  dtype: Any
+  in_dims: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    shape = x.shape[x.ndim - self.in_dims:] + self.features
+    init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
+    kernel = self.param("kernel", init, shape, jnp.float32)
+    return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_dims)
+
+
 def dense(features, axes, init_std, dtype, name, in_axis=-1):
-  """DenseGeneral with N(0, init_std^2) weights, no bias, float32 params, logical axis names."""
-  init = nn.with_logical_partitioning(nn.initializers.normal(init_std), axes)
-  return nn.DenseGeneral(features, axis=in_axis, use_bias=False, kernel_init=init,
-                         dtype=dtype, param_dtype=jnp.float32, name=name)
+  features = (features,) if isinstance(features, int) else tuple(features)
+  in_dims = len(in_axis) if isinstance(in_axis, tuple) else 1
+  return Dense(features, tuple(axes), init_std, dtype, in_dims, name=name)
 
 
 class Attention(nn.Module):

@@ -122,9 +122,16 @@ def lm_loss(model: Decoder, params, tokens_BxT1: jax.Array, **apply_kwargs) -> j
 
 # ---- parameter layout helpers -------------------------------------------------------------------
 
+def strip_boxes(tree):
+  """nn.Partitioned boxes -> their values (also abstract ones), without the sharding constraint
+  that `nn.meta.unbox` applies, which needs a concrete mesh."""
+  return jax.tree.map(lambda b: b.value if isinstance(b, nn.Partitioned) else b, tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def layer_stack(params, cfg: ModelConfig):
   """The per-block params as one tree with a leading [num_layers] axis, whatever the layout."""
-  params = nn.meta.unbox(params)
+  params = strip_boxes(params)
   if not cfg.scan_layers:
     blocks = [params[f"layers_{i}"] for i in range(cfg.num_layers)]
     return jax.tree.map(lambda *a: jnp.stack(a), *blocks)
@@ -137,7 +144,7 @@ def layer_stack(params, cfg: ModelConfig):
 
 def unstack_layers(params, cfg: ModelConfig):
   """Scanned-layout params -> loop-layout params (layers_0, layers_1, ...): for scan == loop tests."""
-  params = dict(nn.meta.unbox(params))
+  params = dict(strip_boxes(params))
   stack = layer_stack(params, cfg)
   del params["layers"]
   for i in range(cfg.num_layers):
@@ -148,7 +155,7 @@ def unstack_layers(params, cfg: ModelConfig):
 def param_table(params) -> str:
   """A per-module parameter-count table (module path up to the sub-layer), with the total."""
   rows: dict[str, int] = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params)):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(strip_boxes(params)):
     keys = [getattr(k, "key", str(k)) for k in path]
     name = "/".join(keys[:-1][:4])
     rows[name] = rows.get(name, 0) + int(np.prod(leaf.shape))

@@ -1,0 +1,14 @@
+# python -m keel_jax.train --config configs/default.py --workdir workdirs/default
+# A small Keel model on the embedded default corpus (the Python standard library's source, byte-level),
+# sized to finish in under 10 minutes on 2 CPU cores. Any field: configs/default.py:block=pre_ln,lr=2e-3
+from keel_jax import config_lib
+
+
+def get_config(arg=None):
+  cfg = config_lib.base_config()
+  cfg.model.update(block="keel", num_layers=4, d_model=256, num_heads=4, num_kv_heads=2, d_ff=768)
+  cfg.data.update(source="stdlib", seq_len=128, batch_size=16, eval_batches=16)
+  cfg.train.update(num_steps=1500, lr=3e-3, warmup_steps=100, eval_every=500, checkpoint_every=250,
+                   log_every=25)
+  config_lib.apply_arg(cfg, arg)
+  return cfg

@@ -1,0 +1,127 @@
+"""Config helpers: the base ConfigDict every config file starts from, `key=value` args, validation.
+
+A config file is `configs/<name>.py` with `get_config(arg=None)`; `arg` is the text after ':' in
+`--config configs/<name>.py:block=pre_ln,num_layers=32` and sets `model.*` / `data.*` / `train.*`
+fields by their short or dotted names.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import ml_collections
+
+from keel_jax.errors import ConfigError
+from keel_jax.model_config import ModelConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a run reads, with CPU-friendly defaults. Config files override what they need."""
+  cfg = ml_collections.ConfigDict()
+  cfg.model = dict(
+      block="keel", num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, d_ff=384,
+      rope_theta=10000.0, tie_embeddings=True, keel_alpha="L", keel_first_layer="v2",
+      mix_ln_fraction=0.25, norm_eps=1e-5, norm_impl="xla", init_std=0.02, scan_layers=True,
+      remat_policy="full", scan_groups=0, dtype="float32")
+  cfg.data = dict(
+      source="stdlib", paths="", prepared_dir="", seq_len=256, batch_size=16, tokenizer="byte",
+      bpe_vocab_size=4096, val_fraction=0.02, eval_batches=8, on_bad_file="skip", max_files=0,
+      synthetic_task="", vocab_multiple=64)
+  cfg.train = dict(
+      num_steps=1000, lr=3e-3, warmup_steps=100, lr_floor=1e-7, schedule="cosine", b1=0.9, b2=0.95,
+      eps=1e-8, weight_decay=0.01, clip_norm=1.0, seed=0, log_every=10, eval_every=200,
+      checkpoint_every=200, keep_checkpoints=3, nonfinite_policy="halt", max_consecutive_skips=10,
+      spike_factor=3.0, profile_steps=0)
+  cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
+  return cfg
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """'a=1,b=x' -> {'a': '1', 'b': 'x'}; a bare word 'w' -> {'w': 'true'}."""
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    out[key.strip()] = value.strip() if _ else "true"
+  return out
+
+
+def _coerce(old, text: str):
+  if isinstance(old, bool):
+    return text.lower() in ("1", "true", "yes")
+  if isinstance(old, int):
+    return int(text)
+  if isinstance(old, float):
+    return float(text)
+  return text
+
+
+def apply_arg(cfg: ml_collections.ConfigDict, arg: str | None, ignore: tuple[str, ...] = ()) -> None:
+  """Sets fields from `arg`. 'num_layers=8' finds the one section holding that name; 'train.lr=1e-3' is explicit."""
+  for key, text in parse_arg(arg).items():
+    if key in ignore:
+      continue
+    if "." in key:
+      section, name = key.split(".", 1)
+    else:
+      owners = [s for s in ("model", "data", "train", "mesh") if name_in(cfg, s, key)]
+      if len(owners) != 1:
+        raise ConfigError(f"--config arg {key}", text, "a field of exactly one of model/data/train/mesh")
+      section, name = owners[0], key
+    if not name_in(cfg, section, name):
+      raise ConfigError(f"--config arg {key}", text, f"a field of cfg.{section}")
+    cfg[section][name] = _coerce(cfg[section][name], text)
+
+
+def name_in(cfg, section: str, name: str) -> bool:
+  return section in cfg and name in cfg[section]
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(field, value, allowed)
+
+
+def validate(cfg: ml_collections.ConfigDict, vocab_size: int = 256) -> ModelConfig:
+  """Checks every section before anything compiles; returns the ModelConfig. Raises ConfigError."""
+  for section in ("model", "data", "train", "mesh"):
+    _check(section in cfg, section, None, f"a '{section}' section (start from config_lib.base_config())")
+  d, t = cfg.data, cfg.train
+  _check(d.source in ("stdlib", "files", "prepared", "synthetic"), "data.source", d.source,
+         "one of ('stdlib', 'files', 'prepared', 'synthetic')")
+  _check(d.source != "files" or bool(d.paths), "data.paths", d.paths, "a glob (or comma-separated globs) when data.source='files'")
+  _check(d.source != "prepared" or bool(d.prepared_dir), "data.prepared_dir", d.prepared_dir,
+         "the directory written by `python -m keel_jax.prepare` when data.source='prepared'")
+  _check(d.tokenizer in ("byte", "bpe"), "data.tokenizer", d.tokenizer, "one of ('byte', 'bpe')")
+  for f in ("seq_len", "batch_size", "eval_batches"):
+    _check(isinstance(d[f], int) and d[f] > 0, f"data.{f}", d[f], "a positive integer")
+  _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a number in (0, 1)")
+  _check(d.on_bad_file in ("skip", "error"), "data.on_bad_file", d.on_bad_file, "one of ('skip', 'error')")
+  for f in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    _check(isinstance(t[f], int) and t[f] > 0, f"train.{f}", t[f], "a positive integer")
+  _check(isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps, "train.warmup_steps", t.warmup_steps,
+         "a non-negative integer")
+  for f in ("lr", "clip_norm", "eps"):
+    _check(math.isfinite(t[f]) and t[f] > 0, f"train.{f}", t[f], "a positive number")
+  _check(0 <= t.lr_floor <= t.lr, "train.lr_floor", t.lr_floor, f"a number in [0, train.lr={t.lr}]")
+  _check(t.schedule in ("cosine", "linear_warmup_only"), "train.schedule", t.schedule,
+         "one of ('cosine', 'linear_warmup_only')")
+  for f in ("b1", "b2"):
+    _check(0 <= t[f] < 1, f"train.{f}", t[f], "a number in [0, 1)")
+  _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a non-negative number")
+  _check(t.nonfinite_policy in ("halt", "skip"), "train.nonfinite_policy", t.nonfinite_policy, "one of ('halt', 'skip')")
+  for f in ("data", "fsdp", "tensor"):
+    _check(isinstance(cfg.mesh[f], int) and (cfg.mesh[f] > 0 or cfg.mesh[f] == -1), f"mesh.{f}",
+           cfg.mesh[f], "a positive integer or -1 (the remaining devices)")
+  _check(sum(cfg.mesh[f] == -1 for f in ("data", "fsdp", "tensor")) <= 1, "mesh", cfg.mesh.to_dict(),
+         "at most one axis size of -1")
+  return ModelConfig.from_config(cfg.model, vocab_size=padded_vocab(vocab_size, d.vocab_multiple),
+                                 max_seq_len=d.seq_len)
+
+
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+  """Rounds the tokenizer's vocabulary up (257 byte ids -> 320): shardable, MXU-friendly widths."""
+  return -(-vocab_size // multiple) * multiple
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,69 @@
+"""Run records: `metrics.jsonl` (one JSON object per logged step), TensorBoard events beside it.
+
+Only process 0 writes. On resume from step s, records after s (written by the interrupted run past
+its last checkpoint) are dropped, so the file reads as if the run had never stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+def _plain(v):
+  if isinstance(v, (np.ndarray, list, tuple)):
+    v = np.asarray(v)
+    return _plain(v.item()) if v.ndim == 0 else [_plain(x) for x in v.tolist()]
+  if isinstance(v, (np.floating, float)):
+    v = float(v)
+    return v if math.isfinite(v) else str(v)  # JSON has no NaN/inf: write "nan" / "inf"
+  if isinstance(v, (np.integer, np.bool_)):
+    return v.item()
+  return v
+
+
+def read_records(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsWriter:
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    kept = [r for r in read_records(workdir) if r.get("step", 0) <= resume_step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, self.path)
+    self._file = open(self.path, "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+    except ImportError:  # TensorBoard events are a convenience; the jsonl is the record
+      self._tb = None
+
+  def write(self, step: int, kind: str, values: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "kind": kind, **{k: _plain(v) for k, v in values.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in values.items():
+        if np.ndim(v) == 0 and isinstance(_plain(v), (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(f"{kind}/{k}", float(v), step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()

@@ -1,0 +1,343 @@
+"""Training entry point: `python -m keel_jax.train --config configs/default.py --workdir DIR`.
+
+Reads top-down as the data path: config -> data -> model -> loss -> optimiser -> step -> checkpoint
+-> metrics. Re-running with the same workdir resumes from the newest complete checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from keel_jax import config_lib, data, sharding
+from keel_jax.checkpoint import Checkpointer, abstract_like
+from keel_jax.diagnostics import sublayer_norms
+from keel_jax.errors import ConfigError, DataError
+from keel_jax.metrics import MetricsWriter
+from keel_jax.model import Decoder, init_params, lm_loss, param_table, strip_boxes
+from keel_jax.model_config import ModelConfig
+from keel_jax.optimizer import lr_schedule, make_optimizer
+
+EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: checkpoint saved, re-run to resume (EX_TEMPFAIL)
+EXIT_NONFINITE = 3  # halted on a non-finite loss or gradient; last good checkpoint kept
+EXIT_BAD_INPUT = 2
+
+
+class TrainingHalted(RuntimeError):
+  """A non-finite loss/gradient under policy 'halt' (or too many skips in a row)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimiser steps taken
+  params: Any
+  opt_state: Any
+  skipped: jax.Array  # int32 scalar: non-finite updates skipped so far
+
+
+# ---- the step ------------------------------------------------------------------------------------
+
+def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule):
+  """(state, batch) -> (state, metrics). A non-finite loss or gradient leaves the state unchanged."""
+
+  def train_step(state: TrainState, batch):
+    loss, grads = jax.value_and_grad(lambda p: lm_loss(model, p, batch["tokens"]))(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_state = TrainState(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
+                           opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+                           skipped=state.skipped + (~finite).astype(jnp.int32))
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+               "update_norm": optax.global_norm(updates), "param_norm": optax.global_norm(params),
+               "finite": finite, "leaf_finite": leaf_finite,
+               "sublayer_grad_norm": sublayer_norms(grads, model.cfg)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: Decoder):
+  return lambda params, batch: lm_loss(model, params, batch["tokens"])
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+
+def maybe_initialize_distributed() -> None:
+  """Multi-host: on TPU pods and SLURM, jax.distributed.initialize() finds its peers by itself;
+  elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+  env = os.environ
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                               int(env["JAX_PROCESS_ID"]))
+  elif int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+    jax.distributed.initialize()
+
+
+def check_resume_compatible(workdir: str, cfg, allow_change: bool) -> None:
+  """Refuses to resume a checkpoint written for another model shape (or tokenizer), showing both."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  keys = ("model", "data.tokenizer", "data.bpe_vocab_size", "data.vocab_multiple")
+  def pick(c):
+    c = c if isinstance(c, dict) else c.to_dict()
+    return {"model": c["model"], **{k: c["data"].get(k.split(".")[1]) for k in keys[1:]}}
+  before, now = pick(old), pick(cfg)
+  if before != now and not allow_change:
+    diff = {k: (before["model"].get(k), now["model"].get(k)) for k in set(before["model"]) | set(now["model"])
+            if before["model"].get(k) != now["model"].get(k)}
+    diff.update({k: (before[k], now[k]) for k in keys[1:] if before[k] != now[k]})
+    lines = "\n".join(f"  {k}: checkpoint has {a!r}, config asks for {b!r}" for k, (a, b) in sorted(diff.items()))
+    raise ConfigError("workdir", workdir, "a workdir whose checkpoint matches the model config; it differs:\n"
+                      f"{lines}\nUse a new --workdir, or pass --allow_config_change to resume anyway.")
+
+
+def create_state(model, tx, mesh, rng):
+  """The train state, created directly sharded: abstract shapes, then a jitted init with out_shardings."""
+  abstract_boxed = jax.eval_shape(lambda r: init_params(model, r), rng)
+  sharding.check_divisible(abstract_boxed, mesh)
+  p_shard = sharding.param_shardings(abstract_boxed, mesh)
+  abstract_params = strip_boxes(abstract_boxed)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shardings = TrainState(step=replicated, params=p_shard,
+                         opt_state=sharding.opt_state_shardings(tx, abstract_params, p_shard, mesh),
+                         skipped=replicated)
+
+  def init(r):
+    params = strip_boxes(init_params(model, r))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      skipped=jnp.zeros((), jnp.int32))
+
+  return jax.jit(init, out_shardings=shardings), shardings, abstract_boxed
+
+
+def install_preemption_handler() -> dict:
+  """SIGTERM/SIGINT set a flag; the loop finishes its step, saves, and exits EXIT_PREEMPTED."""
+  flag = {"signal": None}
+  def handler(signum, _frame):
+    flag["signal"] = signum
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, handler)
+  return flag
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def train(cfg, workdir: str, *, allow_config_change: bool = False, log=print) -> dict:
+  """Trains (or resumes) the run described by `cfg` in `workdir`. Returns the last eval record."""
+  config_lib.validate(cfg)  # everything but the vocabulary size, before any data or compile work
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    check_resume_compatible(workdir, cfg, allow_config_change)
+
+  # data
+  token_data, tokenizer = data.load_token_data(cfg.data, workdir)
+  model_cfg = config_lib.validate(cfg, tokenizer.vocab_size)
+  mesh = sharding.make_mesh(cfg.mesh)
+  sharding.check_batch(cfg.data.batch_size, mesh)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
+  train_iter = data.make_train_iterator(token_data.train, cfg.data.seq_len, cfg.data.batch_size,
+                                        cfg.train.seed, jax.process_index(), jax.process_count())
+  eval_set = data.eval_batches(token_data.val, cfg.data.seq_len, cfg.data.batch_size, cfg.data.eval_batches)
+
+  # model, optimiser, state
+  model = Decoder(model_cfg)
+  tx, schedule = make_optimizer(cfg.train), lr_schedule(cfg.train)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    init_fn, state_shardings, abstract_boxed = create_state(model, tx, mesh, jax.random.key(cfg.train.seed))
+    if is_main:
+      log(f"model: {model_cfg.block}, {model_cfg.num_layers} blocks = {model_cfg.num_sublayers} sub-layers, "
+          f"mesh {dict(mesh.shape)}\n{param_table(abstract_boxed)}")
+    start = ckpt.latest_step()
+    if start is None:
+      state, start = init_fn(jax.random.key(cfg.train.seed)), 0
+    else:
+      abstract_state = abstract_like(jax.eval_shape(init_fn, jax.random.key(0)), state_shardings)
+      state = ckpt.restore(start, abstract_state, train_iter)
+      log(f"resumed from {ckpt.directory} at step {start}")
+    step_fn = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0,
+                      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_shardings, None))
+    eval_fn = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, sharding.batch_sharding(mesh)))
+    loop = Loop(cfg, workdir, mesh, ckpt, MetricsWriter(workdir, is_main, resume_step=start), token_data,
+                leaf_names=[jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params)],
+                log=log, is_main=is_main)
+    try:
+      return loop.run(state, start, step_fn, eval_fn, train_iter, eval_set)
+    finally:
+      loop.close()
+
+
+@dataclasses.dataclass
+class Loop:
+  """The step loop: metrics are fetched one step late so the host never stalls the device."""
+  cfg: Any
+  workdir: str
+  mesh: Any
+  ckpt: Checkpointer
+  writer: MetricsWriter
+  token_data: Any
+  leaf_names: list
+  log: Any
+  is_main: bool
+
+  def __post_init__(self):
+    self.consecutive_skips = 0
+    self.loss_ema = None
+    self.last_eval: dict = {}
+    self.preempt = install_preemption_handler()
+    self.last_time, self.last_step = time.perf_counter(), None
+
+  def run(self, state, start, step_fn, eval_fn, train_iter, eval_set) -> dict:
+    t, tokens_per_step = self.cfg.train, self.cfg.data.batch_size * self.cfg.data.seq_len
+    bar = None
+    if self.is_main:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                 mininterval=1.0, disable=not sys.stderr.isatty() and os.environ.get("KEEL_PROGRESS") != "1")
+    self.last_step, pending = start, None
+    for step in range(start, t.num_steps):
+      self.maybe_profile(step, start)
+      batch = sharding.global_batch(next(train_iter), self.mesh)
+      state, metrics = step_fn(state, batch)
+      if pending is not None:
+        self.handle_metrics(*pending, tokens_per_step, bar)
+      pending = (step + 1, metrics)
+      done = step + 1
+      boundary = (done % t.eval_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps
+                  or self.preempt["signal"] is not None)
+      if boundary:  # sync before saving: never checkpoint a step whose metrics are unchecked
+        self.handle_metrics(*pending, tokens_per_step, bar)
+        pending = None
+      if done % t.eval_every == 0 or done == t.num_steps:
+        self.evaluate(done, state.params, eval_fn, eval_set)
+      if done % t.checkpoint_every == 0 or done == t.num_steps or self.preempt["signal"] is not None:
+        self.ckpt.save(done, state, train_iter)
+      if self.preempt["signal"] is not None:
+        self.ckpt.wait()
+        self.log(f"stopped by signal {self.preempt['signal']} at step {done}: checkpoint saved, re-run to resume")
+        self.writer.write(done, "event", {"event": "preempted", "signal": int(self.preempt["signal"])})
+        raise SystemExit(EXIT_PREEMPTED)
+    if pending is not None:
+      self.handle_metrics(*pending, tokens_per_step, bar)
+    if bar is not None:
+      bar.close()
+    self.ckpt.wait()
+    return self.last_eval
+
+  def handle_metrics(self, step, metrics, tokens_per_step, bar) -> None:
+    m = jax.device_get(metrics)
+    now = time.perf_counter()
+    tps = tokens_per_step * (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_time, self.last_step = now, step
+    t = self.cfg.train
+    if not bool(m["finite"]):
+      self.on_nonfinite(step, m)
+    else:
+      self.consecutive_skips = 0
+    loss = float(m["loss"])
+    if math.isfinite(loss):
+      if self.loss_ema is not None and loss > t.spike_factor * self.loss_ema:
+        self.writer.write(step, "event", {"event": "loss_spike", "loss": loss, "loss_ema": self.loss_ema})
+      self.loss_ema = loss if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * loss
+    if bar is not None:
+      bar.update(step - bar.n)
+      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+    if step % t.log_every == 0 or step == t.num_steps:
+      rec = {k: m[k] for k in ("loss", "lr", "grad_norm", "update_norm", "param_norm")}
+      rec.update(tokens_per_sec=tps, skipped=int(self.consecutive_skips),
+                 sublayer_grad_norm=np.round(m["sublayer_grad_norm"], 6))
+      self.writer.write(step, "train", rec)
+      if bar is None and self.is_main:
+        self.log(f"step {step}: loss {loss:.4f} lr {float(m['lr']):.2e} grad_norm {float(m['grad_norm']):.3f} "
+                 f"tok/s {tps:,.0f}")
+
+  def on_nonfinite(self, step, m) -> None:
+    bad = "loss" if not math.isfinite(float(m["loss"])) else (
+        "gradient of " + self.leaf_names[int(np.argmin(m["leaf_finite"]))])
+    self.consecutive_skips += 1
+    self.writer.write(step, "event", {"event": "nonfinite", "first_nonfinite": bad, "loss": float(m["loss"]),
+                                      "policy": self.cfg.train.nonfinite_policy})
+    policy, limit = self.cfg.train.nonfinite_policy, self.cfg.train.max_consecutive_skips
+    if policy == "halt" or self.consecutive_skips >= limit:
+      why = "policy 'halt'" if policy == "halt" else f"{self.consecutive_skips} non-finite steps in a row"
+      raise TrainingHalted(f"non-finite {bad} at step {step} ({why}); the update was not applied and "
+                           f"the last good checkpoint is kept in {self.ckpt.directory}")
+    self.log(f"step {step}: non-finite {bad}: update skipped ({self.consecutive_skips} in a row)")
+
+  def evaluate(self, step, params, eval_fn, eval_set) -> None:
+    p, n = jax.process_index(), jax.process_count()
+    losses = []
+    for batch in eval_set:
+      rows = batch["tokens"].shape[0] // n
+      local = {"tokens": batch["tokens"][p * rows:(p + 1) * rows]}
+      losses.append(eval_fn(params, sharding.global_batch(local, self.mesh)))
+    loss = float(np.mean(jax.device_get(losses)))
+    bpb = loss / math.log(2) / self.token_data.bytes_per_token_val
+    self.last_eval = {"step": step, "eval_loss": loss, "eval_bpb": bpb, "eval_ppl": math.exp(min(loss, 50))}
+    self.writer.write(step, "eval", {k: v for k, v in self.last_eval.items() if k != "step"})
+    if self.is_main:
+      self.log(f"step {step}: eval loss {loss:.4f}, bits/byte {bpb:.4f}")
+
+  def maybe_profile(self, step, start) -> None:
+    n = self.cfg.train.profile_steps
+    if n and step == start + 2:  # skip compilation
+      jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
+    if n and step == start + 2 + n:
+      jax.profiler.stop_trace()
+
+  def close(self) -> None:
+    self.ckpt.close()
+    self.writer.close()
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py[:block=pre_ln]")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, config.json")
+_ALLOW = flags.DEFINE_bool("allow_config_change", False, "Resume even if the model config differs from the checkpoint's")
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError("both --config and --workdir are required")
+  maybe_initialize_distributed()
+  try:
+    final = train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)
+  except (ConfigError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+  except TrainingHalted as e:
+    print(f"halted: {e}", file=sys.stderr)
+    sys.exit(EXIT_NONFINITE)
+  if jax.process_index() == 0 and final:
+    print(json.dumps(final))
+
+
+if __name__ == "__main__":
+  app.run(main)
