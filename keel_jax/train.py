@@ -64,8 +64,8 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule):
     new_state = TrainState(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
                            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
                            skipped=state.skipped + (~finite).astype(jnp.int32))
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
-               "update_norm": optax.global_norm(updates), "param_norm": optax.global_norm(params),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+               "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params),
                "finite": finite, "leaf_finite": leaf_finite,
                "sublayer_grad_norm": sublayer_norms(grads, model.cfg)}
     return new_state, metrics
@@ -131,19 +131,25 @@ def create_state(model, tx, mesh, rng):
 
 
 def install_preemption_handler() -> dict:
-  """SIGTERM/SIGINT set a flag; the loop finishes its step, saves, and exits EXIT_PREEMPTED."""
-  flag = {"signal": None}
+  """SIGTERM/SIGINT set a flag; the loop finishes its step, saves, and exits EXIT_PREEMPTED.
+  Returns {'signal': None | signum, 'previous': handlers to put back when the loop ends}."""
+  flag = {"signal": None, "previous": {}}
   def handler(signum, _frame):
     flag["signal"] = signum
   for s in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(s, handler)
+    flag["previous"][s] = signal.signal(s, handler)
   return flag
 
 
 # ---- the run -------------------------------------------------------------------------------------
 
-def train(cfg, workdir: str, *, allow_config_change: bool = False, log=print) -> dict:
-  """Trains (or resumes) the run described by `cfg` in `workdir`. Returns the last eval record."""
+def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: int | None = None,
+          log=print) -> dict:
+  """Trains (or resumes) the run described by `cfg` in `workdir`. Returns the last eval record.
+
+  `stop_after=s` ends after step s with a checkpoint, as a preemption would (notebooks train in
+  chunks this way; tests use it to interrupt a run deterministically).
+  """
   config_lib.validate(cfg)  # everything but the vocabulary size, before any data or compile work
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -186,7 +192,7 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, log=print) ->
                 leaf_names=[jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params)],
                 log=log, is_main=is_main)
     try:
-      return loop.run(state, start, step_fn, eval_fn, train_iter, eval_set)
+      return loop.run(state, start, step_fn, eval_fn, train_iter, eval_set, stop_after)
     finally:
       loop.close()
 
@@ -211,7 +217,7 @@ class Loop:
     self.preempt = install_preemption_handler()
     self.last_time, self.last_step = time.perf_counter(), None
 
-  def run(self, state, start, step_fn, eval_fn, train_iter, eval_set) -> dict:
+  def run(self, state, start, step_fn, eval_fn, train_iter, eval_set, stop_after=None) -> dict:
     t, tokens_per_step = self.cfg.train, self.cfg.data.batch_size * self.cfg.data.seq_len
     bar = None
     if self.is_main:
@@ -219,7 +225,8 @@ class Loop:
       bar = tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                  mininterval=1.0, disable=not sys.stderr.isatty() and os.environ.get("KEEL_PROGRESS") != "1")
     self.last_step, pending = start, None
-    for step in range(start, t.num_steps):
+    end = t.num_steps if stop_after is None else min(stop_after, t.num_steps)
+    for step in range(start, end):
       self.maybe_profile(step, start)
       batch = sharding.global_batch(next(train_iter), self.mesh)
       state, metrics = step_fn(state, batch)
@@ -227,14 +234,14 @@ class Loop:
         self.handle_metrics(*pending, tokens_per_step, bar)
       pending = (step + 1, metrics)
       done = step + 1
-      boundary = (done % t.eval_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps
+      boundary = (done % t.eval_every == 0 or done % t.checkpoint_every == 0 or done == end
                   or self.preempt["signal"] is not None)
       if boundary:  # sync before saving: never checkpoint a step whose metrics are unchecked
         self.handle_metrics(*pending, tokens_per_step, bar)
         pending = None
       if done % t.eval_every == 0 or done == t.num_steps:
         self.evaluate(done, state.params, eval_fn, eval_set)
-      if done % t.checkpoint_every == 0 or done == t.num_steps or self.preempt["signal"] is not None:
+      if done % t.checkpoint_every == 0 or done == end or self.preempt["signal"] is not None:
         self.ckpt.save(done, state, train_iter)
       if self.preempt["signal"] is not None:
         self.ckpt.wait()
@@ -310,6 +317,8 @@ class Loop:
       jax.profiler.stop_trace()
 
   def close(self) -> None:
+    for s, previous in self.preempt["previous"].items():
+      signal.signal(s, previous)
     self.ckpt.close()
     self.writer.close()
 

@@ -1,0 +1,18 @@
+# python -m keel_jax.train --config configs/paper_keel_512.py:block=keel --workdir gs://BUCKET/keel_512
+# The paper's main setup (DESIGN.md section 2): d_model 1024, 256 blocks = 512 sub-layers, GQA 16/8,
+# FFN 3072, seq 4096, AdamW (0.9, 0.95), wd 0.01, clip 1.0, 2500 warmup steps, cosine to 1e-7.
+# For accelerators (bfloat16); pick the block with `:block=pre_ln` etc., the mesh with --config.mesh.*.
+from keel_jax import config_lib
+
+
+def get_config(arg=None):
+  cfg = config_lib.base_config()
+  cfg.model.update(block="keel", num_layers=256, d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072,
+                   dtype="bfloat16", remat_policy="save_dots_no_batch")
+  cfg.data.update(source="prepared", prepared_dir="data/prepared", tokenizer="bpe", seq_len=4096,
+                  batch_size=256, eval_batches=32)
+  cfg.train.update(num_steps=100_000, lr=1e-3, warmup_steps=2500, lr_floor=1e-7, b1=0.9, b2=0.95,
+                   weight_decay=0.01, clip_norm=1.0, eval_every=2000, checkpoint_every=1000, log_every=50)
+  cfg.mesh.update(data=-1, fsdp=8, tensor=1)
+  config_lib.apply_arg(cfg, arg)
+  return cfg
