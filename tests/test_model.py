@@ -176,3 +176,13 @@ def test_bad_model_config_names_the_field(kw, field):
   with pytest.raises(ConfigError) as e:
     tiny(**kw)
   assert e.value.field == field and field in str(e.value)
+
+
+@pytest.mark.parametrize("block", ["keel", "pre_ln"])
+def test_pallas_norms_give_the_same_loss_and_gradients_as_xla(block):
+  """norm_impl='pallas' (interpret mode on CPU) is a drop-in for the XLA expression in every block."""
+  model, params = build(tiny(block, num_layers=2, norm_impl="xla"))
+  params = perturb(params)
+  pallas = Decoder(tiny(block, num_layers=2, norm_impl="pallas"))
+  f = lambda m: jax.value_and_grad(lambda p: lm_loss(m, p, TOKENS))(params)
+  chex.assert_trees_all_close(f(model), f(pallas), atol=2e-5, rtol=2e-5)
