@@ -34,7 +34,7 @@ import tqdm
 from keel_jax import tokenizer as tokenizer_lib
 from keel_jax.errors import ConfigError, DataError
 
-SOURCES = ('stdlib', 'files', 'prepared')
+SOURCES = ('stdlib', 'files', 'prepared', 'synthetic')
 TOKENIZERS = ('byte', 'bpe')
 ON_BAD_FILE = ('skip', 'error')
 _FORMAT_VERSION = 1
@@ -392,6 +392,9 @@ def load_token_data(data_cfg, workdir: str | None = None, tokenizer_dir: str | N
   cfg = data_cfg
   _validate(cfg)
   check_val = cfg.val_fraction > 0
+  if cfg.source == 'synthetic':  # generated task windows (keel_jax/synthetic.py); no files, no tokenizer dir
+    from keel_jax import synthetic
+    return synthetic.load_token_data(cfg)
   if cfg.source == 'prepared':
     if not cfg.prepared_dir:
       raise ConfigError('data.prepared_dir', cfg.prepared_dir, 'a directory written by prepare')

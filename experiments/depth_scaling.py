@@ -1,0 +1,75 @@
+"""Study 4 (paper section 5.3): validation loss versus depth at fixed width and token budget.
+
+Pre-LN and Keel at every depth, the other blocks at a subset (CPU time); one fixed peak LR for all
+(chosen before any result, not tuned per block: the paper's comparison is at a shared recipe).
+
+  python experiments/depth_scaling.py --out out/depth_scaling --size cpu
+"""
+from __future__ import annotations
+
+import common
+import numpy as np
+
+SETUPS = {
+    "mini": dict(depths={"pre_ln": [2, 4], "keel": [2]}, d_model=16, seq_len=16, batch_size=4, steps=6,
+                 warmup=2, lr=3e-3, max_files=40),
+    "cpu": dict(depths={"pre_ln": [4, 8, 16, 32, 64], "keel": [4, 8, 16, 32, 64], "post_ln": [8, 32, 64],
+                        "deepnorm": [8, 32, 64], "mix_ln": [8, 32, 64]},
+                d_model=64, seq_len=64, batch_size=8, steps=150, warmup=15, lr=3e-3, max_files=200),
+    # DESIGN.md's model and recipe, 20k steps per depth.
+    "paper": dict(depths={b: [16, 64, 128, 256, 512, 1024] for b in ("pre_ln", "keel")} |
+                  {b: [16, 64, 256] for b in ("post_ln", "deepnorm", "mix_ln")}, steps=20_000, lr=1e-3),
+}
+
+
+def make_config(size: str, s: dict, block: str, depth: int):
+  if size == "paper":
+    return common.paper_config("paper_keel_512", block=block, sub_layers=depth, num_steps=s["steps"],
+                               lr=s["lr"], eval_every=s["steps"], checkpoint_every=s["steps"])
+  return common.small_config(block=block, sub_layers=depth, d_model=s["d_model"], seq_len=s["seq_len"],
+                             batch_size=s["batch_size"], num_steps=s["steps"], lr=s["lr"],
+                             warmup_steps=s["warmup"], max_files=s["max_files"], log_every=10)
+
+
+def run_one(study, size, s, block, depth) -> dict:
+  run = common.train_run(make_config(size, s, block, depth), study.workdir(f"{block}_L{depth}"), study.log_path)
+  train = common.train_records(run["records"])
+  return {"block": block, "depth": depth, "eval_loss": run["eval"].get("eval_loss"),
+          "final_train_loss": train[-1]["loss"] if train else None, "halted": run["halted"],
+          "loss_spike_events": sum(r.get("event") == "loss_spike" for r in run["records"])}
+
+
+def main() -> None:
+  args = common.parse_args(__doc__)
+  s = SETUPS[args.size]
+  study = common.Study("depth_scaling", args, s)
+  # Shallow first across blocks: an interrupted grid still has a comparable table.
+  for depth in sorted({d for ds in s["depths"].values() for d in ds}):
+    for block, ds in s["depths"].items():
+      if depth in ds:
+        study.run(f"{block}_L{depth}", lambda: run_one(study, args.size, s, block, depth))
+  runs = study.result["runs"]
+  all_depths = sorted({d for ds in s["depths"].values() for d in ds})
+  lines = ["| block | " + " | ".join(f"L={d}" for d in all_depths) + " |", "|" + "---|" * (len(all_depths) + 1)]
+  for b, ds in s["depths"].items():
+    cells = []
+    for d in all_depths:
+      r = runs.get(f"{b}_L{d}")
+      cells.append("-" if r is None else (f"{r['eval_loss']:.3f}" if common.finite(r["eval_loss"]) else "diverged"))
+    lines.append(f"| {b} | " + " | ".join(cells) + " |")
+  md = "\n".join(lines)
+  study.save(table_markdown=md)
+  fig, axes = common.figure()
+  ax = axes[0][0]
+  for b, ds in s["depths"].items():
+    ax.plot(ds, common.nanify([runs[f"{b}_L{d}"]["eval_loss"] for d in ds]), "o-", color=common.block_color(b), label=b)
+  ax.set(xscale="log", xlabel="sub-layers L", ylabel="final eval loss (nats/token)",
+         title=f"d_model {s.get('d_model', 1024)}, {s['steps']} steps")
+  ax.set_xticks(all_depths, [str(d) for d in all_depths])
+  ax.legend(fontsize=7)
+  common.savefig(fig, study.png("loss_vs_depth"))
+  print(md)
+
+
+if __name__ == "__main__":
+  main()
