@@ -31,7 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_steps=1000, lr=3e-3, warmup_steps=100, lr_floor=1e-7, schedule="cosine", b1=0.9, b2=0.95,
       eps=1e-8, weight_decay=0.01, clip_norm=1.0, seed=0, log_every=10, eval_every=200,
       checkpoint_every=200, keep_checkpoints=3, nonfinite_policy="halt", max_consecutive_skips=10,
-      spike_factor=3.0, profile_steps=0)
+      spike_factor=3.0, profile_steps=0,
+      # Test hook: NaN gradient (last param leaf) at steps debug_nonfinite_step .. +count-1; -1 = off.
+      debug_nonfinite_step=-1, debug_nonfinite_count=1)
   cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
   return cfg
 

@@ -29,7 +29,10 @@ def read_records(workdir: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    text = f.read()
+  # Each record is written as one line ending in '\n'; text after the last '\n' is a write torn by a
+  # crash, and is dropped (the resumed run rewrites the file without it).
+  return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 class MetricsWriter:

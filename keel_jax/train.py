@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from keel_jax import config_lib, data, sharding
-from keel_jax.checkpoint import Checkpointer, abstract_like
+from keel_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
 from keel_jax.diagnostics import sublayer_norms
 from keel_jax.errors import ConfigError, DataError
 from keel_jax.metrics import MetricsWriter
@@ -51,11 +51,19 @@ class TrainState:
 
 # ---- the step ------------------------------------------------------------------------------------
 
-def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule):
-  """(state, batch) -> (state, metrics). A non-finite loss or gradient leaves the state unchanged."""
+def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule, debug_nonfinite=(-1, 1)):
+  """(state, batch) -> (state, metrics). A non-finite loss or gradient leaves the state unchanged.
+
+  `debug_nonfinite=(k, n)` (train.debug_nonfinite_step/_count; tests only) makes the gradient of
+  the last parameter leaf NaN at steps k .. k+n-1, to exercise the non-finite policies for real.
+  """
 
   def train_step(state: TrainState, batch):
     loss, grads = jax.value_and_grad(lambda p: lm_loss(model, p, batch["tokens"]))(state.params)
+    if debug_nonfinite[0] >= 0:  # test hook, off by default (then not even traced)
+      bad = (state.step + 1 >= debug_nonfinite[0]) & (state.step + 1 < sum(debug_nonfinite))
+      *rest, last = jax.tree.leaves(grads)
+      grads = jax.tree.unflatten(jax.tree.structure(grads), [*rest, jnp.where(bad, jnp.nan, last)])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
@@ -66,7 +74,7 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule):
                            skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
                "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params),
-               "finite": finite, "leaf_finite": leaf_finite,
+               "finite": finite, "leaf_finite": leaf_finite, "skipped": new_state.skipped,
                "sublayer_grad_norm": sublayer_norms(grads, model.cfg)}
     return new_state, metrics
 
@@ -162,9 +170,6 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
   model_cfg = config_lib.validate(cfg, tokenizer.vocab_size)
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_batch(cfg.data.batch_size, mesh)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(cfg))
   train_iter = data.make_train_iterator(token_data.train, cfg.data.seq_len, cfg.data.batch_size,
                                         cfg.train.seed, jax.process_index(), jax.process_count())
   eval_set = data.eval_batches(token_data.val, cfg.data.seq_len, cfg.data.batch_size, cfg.data.eval_batches)
@@ -177,20 +182,27 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
     if is_main:
       log(f"model: {model_cfg.block}, {model_cfg.num_layers} blocks = {model_cfg.num_sublayers} sub-layers, "
           f"mesh {dict(mesh.shape)}\n{param_table(abstract_boxed)}")
-    start = ckpt.latest_step()
-    if start is None:
+    if ckpt.latest_step() is None:
       state, start = init_fn(jax.random.key(cfg.train.seed)), 0
-    else:
+    else:  # the newest checkpoint that restores and verifies; broken newer ones are moved aside
       abstract_state = abstract_like(jax.eval_shape(init_fn, jax.random.key(0)), state_shardings)
-      state = ckpt.restore(start, abstract_state, train_iter)
+      start, state = ckpt.restore_latest(abstract_state, train_iter, log=log)
       log(f"resumed from {ckpt.directory} at step {start}")
-    step_fn = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0,
+    if is_main:  # only once the state fits: a refused or failed resume must leave config.json as it was
+      with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
+        f.write(config_lib.to_json(cfg))
+      os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))  # never torn
+    debug_nonfinite = (cfg.train.get("debug_nonfinite_step", -1), cfg.train.get("debug_nonfinite_count", 1))
+    step_fn = jax.jit(make_train_step(model, tx, schedule, debug_nonfinite), donate_argnums=0,
                       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(state_shardings, None))
     eval_fn = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, sharding.batch_sharding(mesh)))
     loop = Loop(cfg, workdir, mesh, ckpt, MetricsWriter(workdir, is_main, resume_step=start), token_data,
                 leaf_names=[jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params)],
                 log=log, is_main=is_main)
+    if token_data.skipped and is_main:  # bad input files belong in the run's record, not only a log line
+      log(f"data: skipped files {dict(sorted(token_data.skipped.items()))} (data.on_bad_file={cfg.data.on_bad_file!r})")
+      loop.writer.write(start, "event", {"event": "skipped_files", **token_data.skipped})
     try:
       return loop.run(state, start, step_fn, eval_fn, train_iter, eval_set, stop_after)
     finally:
@@ -275,7 +287,7 @@ class Loop:
       bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
     if step % t.log_every == 0 or step == t.num_steps:
       rec = {k: m[k] for k in ("loss", "lr", "grad_norm", "update_norm", "param_norm")}
-      rec.update(tokens_per_sec=tps, skipped=int(self.consecutive_skips),
+      rec.update(tokens_per_sec=tps, skipped=int(m["skipped"]),  # non-finite updates skipped so far
                  sublayer_grad_norm=np.round(m["sublayer_grad_norm"], 6))
       self.writer.write(step, "train", rec)
       if bar is None and self.is_main:
@@ -338,7 +350,7 @@ def main(argv) -> None:
   maybe_initialize_distributed()
   try:
     final = train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)
-  except (ConfigError, DataError) as e:
+  except (ConfigError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
   except TrainingHalted as e:
