@@ -54,8 +54,11 @@ def dense(features, axes, init_std, dtype, name, in_axis=-1):
 class Attention(nn.Module):
   """F_attn: x_BxTxD -> BxTxD. `vo_init_scale` scales V/O init (DeepNorm's beta).
 
-  With `decode=True` the keys and values go to a 'cache' collection of length max_seq_len and the
-  queries attend to every cached position <= their own; prefill and one-token steps share this path.
+  With `decode=True` the keys, values and positions go to a 'cache' collection of length
+  max_seq_len, written at the running slot index, and the queries attend to every cached key whose
+  position is <= their own; prefill and one-token steps share this path. A negative position marks
+  padding (e.g. left-padded prompts, keel_jax/generate.py): such keys are never attended, in either
+  path; empty cache slots hold position -1 for the same reason.
   """
   cfg: ModelConfig
   vo_init_scale: float = 1.0
@@ -78,20 +81,23 @@ class Attention(nn.Module):
       S = c.max_seq_len
       ck = self.variable("cache", "key", jnp.zeros, (B, S, K, Dh), dt)
       cv = self.variable("cache", "value", jnp.zeros, (B, S, K, Dh), dt)
+      cpos = self.variable("cache", "positions", lambda: jnp.full((B, S), -1, jnp.int32))
       idx = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
       if not self.is_initializing():
         i = idx.value
         ck.value = jax.lax.dynamic_update_slice(ck.value, k_BxSxKxDh.astype(dt), (0, i, 0, 0))
         cv.value = jax.lax.dynamic_update_slice(cv.value, v_BxSxKxDh.astype(dt), (0, i, 0, 0))
+        cpos.value = jax.lax.dynamic_update_slice(cpos.value, positions_BxT.astype(jnp.int32), (0, i))
         idx.value = i + T
-      k_BxSxKxDh, v_BxSxKxDh = ck.value, cv.value
-      k_pos_BxS = jnp.broadcast_to(jnp.arange(S)[None, :], (B, S))
+      # Slots are not positions: a left-padded row's tokens sit at later slots than their positions.
+      k_BxSxKxDh, v_BxSxKxDh, k_pos_BxS = ck.value, cv.value, cpos.value
 
     G = H // K
     q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh)
     logits_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxSxKxDh,
                                   preferred_element_type=jnp.float32) / jnp.sqrt(Dh).astype(jnp.float32)
-    causal_Bx1x1xTxS = (k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None])[:, None, None]
+    visible_BxTxS = (k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]) & (k_pos_BxS[:, None, :] >= 0)
+    causal_Bx1x1xTxS = visible_BxTxS[:, None, None]
     logits_BxKxGxTxS = jnp.where(causal_Bx1x1xTxS, logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
     self.sow("intermediates", "attention_probs", probs)  # only kept when the caller asks (notebooks)
