@@ -34,7 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
       spike_factor=3.0, profile_steps=0,
       # Test hook: NaN gradient (last param leaf) at steps debug_nonfinite_step .. +count-1; -1 = off.
       debug_nonfinite_step=-1, debug_nonfinite_count=1)
-  cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Axis sizes (one may be -1: the rest). dcn_*: how many of an axis's ways cross the slow network
+  # (TPU slices, or GPU processes); see docs/SCALING.md.
+  cfg.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
   return cfg
 
 

@@ -3,9 +3,11 @@
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimiser state
 sharded), `tensor` (attention heads and FFN width split). The model names its axes logically
 (`embed`, `mlp`, `heads`, ...); `LOGICAL_RULES` maps them to mesh axes, so the model never changes.
+docs/SCALING.md says how to choose the sizes.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -19,11 +21,20 @@ from keel_jax.model import strip_boxes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# Priority order: for each array, rules are applied top-down and a mesh axis is used at most once
+# (flax skips a rule whose mesh axes are taken). So activations ('batch', 'length', 'embed') keep
+# 'embed' whole: 'batch' has taken 'fsdp' first.
 LOGICAL_RULES = (
     ("batch", BATCH_AXES),
     ("length", None),
-    ("embed", "fsdp"),
+    # The embedding table ('vocab', 'embed') is split over vocab rows by tensor * fsdp, not over
+    # embed by fsdp: a gather from an embed-sharded table yields embed-sharded activations that XLA
+    # could only turn into batch-sharded ones by replicating them ("Involuntary full
+    # rematerialization"). Vocab rows shard the gather cleanly. It is listed before 'embed' so it
+    # wins 'fsdp' for the untied output projection ('embed', 'vocab') too.
+    ("vocab", ("tensor", "fsdp")),
     ("vocab", "tensor"),
+    ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -32,6 +43,7 @@ LOGICAL_RULES = (
     ("layers", None),
     ("layer_groups", None),
 )
+DCN_FIELDS = ("dcn_data", "dcn_fsdp", "dcn_tensor")
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
@@ -49,19 +61,48 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def dcn_shape(mesh_cfg, shape: tuple[int, ...]) -> tuple[int, int, int]:
+  """How many of each axis's ways cross the slow network (between TPU slices, or between
+  processes on GPU). Optional fields `mesh.dcn_*`, default 1; each must divide its axis size."""
+  dcn = tuple(int(mesh_cfg.get(f, 1)) for f in DCN_FIELDS)
+  for axis, size, d in zip(MESH_AXES, shape, dcn):
+    if d < 1 or size % d:
+      raise ConfigError(f"mesh.dcn_{axis}", d, f"a positive divisor of mesh.{axis} = {size}")
+  return dcn
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   """A (data, fsdp, tensor) mesh with Auto axes (flax logical partitioning assumes Auto).
 
-  `jax.make_mesh` orders devices so the fastest links (within a host / slice) carry the innermost
-  axes (tensor, then fsdp); data parallelism spans hosts.
+  Within a slice (or host), `jax.make_mesh` orders devices so the innermost axes (tensor, then
+  fsdp) get the fastest links. Across TPU slices (or GPU processes) the `mesh.dcn_*` split makes a
+  hybrid mesh: each axis is dcn_<axis> blocks of <axis> / dcn_<axis> devices, the blocks on
+  different slices, so only that axis's collectives cross the slow network.
   """
-  devices = devices if devices is not None else jax.devices()
+  devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+  dcn = dcn_shape(mesh_cfg, shape)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1 and math.prod(dcn) != slices:
+    raise ConfigError("mesh", {f: d for f, d in zip(DCN_FIELDS, dcn)},
+                      f"dcn sizes multiplying to the {slices} TPU slices these devices span "
+                      f"(product is {math.prod(dcn)}); usually mesh.dcn_data={slices}")
+  if math.prod(dcn) == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  granules = slices if slices > 1 else len({d.process_index for d in devices})
+  if math.prod(dcn) != granules:
+    raise ConfigError("mesh", {f: d for f, d in zip(DCN_FIELDS, dcn)},
+                      f"dcn sizes multiplying to the {granules} processes (product is {math.prod(dcn)})")
+  from jax.experimental import mesh_utils  # only multi-slice / multi-process meshes need it
+  ici = tuple(s // d for s, d in zip(shape, dcn))
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=slices == 1)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
-def check_divisible(abstract_boxed_params, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES) -> None:
-  """Every sharded dimension must divide by its mesh axes: say which one does not, before compiling."""
+def check_divisible(abstract_boxed_params, mesh, rules=LOGICAL_RULES) -> None:
+  """Every sharded dimension must divide by its mesh axes: say which one does not, before compiling.
+  `mesh` may be a Mesh or an AbstractMesh (only the axis sizes are read)."""
   specs = nn.get_partition_spec(abstract_boxed_params)
   flat_specs = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
   flat_values = jax.tree.leaves(strip_boxes(abstract_boxed_params))
@@ -72,8 +113,9 @@ def check_divisible(abstract_boxed_params, mesh: jax.sharding.Mesh, rules=LOGICA
       n = math.prod(mesh.shape[a] for a in axes)
       if size % n:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
+        hint = (f"; or set data.vocab_multiple to a multiple of {n}" if logical[dim] == "vocab" else "")
         raise ConfigError("mesh", dict(mesh.shape), f"axis sizes that divide parameter {name} dim {dim} "
-                          f"({logical[dim]}={size}) over mesh axes {axes} (={n})")
+                          f"({logical[dim]}={size}) over mesh axes {axes} (={n}){hint}")
 
 
 def param_shardings(abstract_boxed_params, mesh, rules=LOGICAL_RULES):
@@ -94,13 +136,47 @@ def batch_sharding(mesh) -> NamedSharding:
 
 
 def check_batch(global_batch: int, mesh) -> None:
+  """The global batch must split evenly over the data-parallel devices (and, on a concrete mesh,
+  the processes must hold equal blocks of it: see `data_shard_of_process`)."""
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  if global_batch % dp or global_batch % jax.process_count():
+  if global_batch % dp:
     raise ConfigError("data.batch_size", global_batch, f"a multiple of the data-parallel size "
-                      f"mesh.data * mesh.fsdp = {dp} and of the process count {jax.process_count()}")
+                      f"mesh.data * mesh.fsdp = {dp}")
+  if isinstance(mesh, jax.sharding.Mesh):
+    data_shard_of_process(mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def _shard_groups(mesh: jax.sharding.Mesh) -> tuple[tuple[frozenset, ...], dict[int, int]]:
+  """The distinct sets of batch shards (of data * fsdp) that processes hold, ordered by first
+  shard, and the set each process holds. Read from the whole mesh: every process agrees."""
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  held: dict[int, set] = {}
+  for device, index in batch_sharding(mesh).devices_indices_map((dp, 1)).items():
+    held.setdefault(device.process_index, set()).update(range(*index[0].indices(dp)))
+  groups = tuple(sorted({frozenset(h) for h in held.values()}, key=min))
+  return groups, {p: groups.index(frozenset(h)) for p, h in held.items()}
+
+
+def data_shard_of_process(mesh, process: int | None = None) -> tuple[int, int]:
+  """(index, count): the data loader gives this process block `index` of `count` equal blocks of
+  every global batch, and `global_batch` places those rows on its devices.
+
+  Usually count = the number of processes. Processes whose devices hold the same batch shards
+  (tensor parallelism across processes, e.g. one process per GPU) share a block. Shards that are
+  not one contiguous range (a topology-aware TPU device order) are fine: the global batch is then
+  a permutation of the one-process batch, which the mean loss does not see.
+  """
+  groups, group_of = _shard_groups(mesh)
+  if len({len(g) for g in groups}) != 1 or sum(map(len, groups)) != mesh.shape["data"] * mesh.shape["fsdp"]:
+    raise ConfigError("mesh", dict(mesh.shape), "a layout where processes hold equal, separate blocks "
+                      f"of the batch (they hold overlapping or unequal sets of the data * fsdp shards: "
+                      f"{[sorted(g) for g in groups]}); keep mesh.tensor within a host")
+  return group_of[jax.process_index() if process is None else process], len(groups)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """Host-local rows -> one global array sharded over the batch axes (works on one or many hosts)."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+  """This process's block of rows -> one global array sharded over the batch axes (one or many hosts)."""
+  sharding, (_, count) = batch_sharding(mesh), data_shard_of_process(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * count, *v.shape[1:]))
+          for k, v in local_batch.items()}

@@ -87,14 +87,26 @@ def make_eval_step(model: Decoder):
 
 # ---- setup ---------------------------------------------------------------------------------------
 
-def maybe_initialize_distributed() -> None:
-  """Multi-host: on TPU pods and SLURM, jax.distributed.initialize() finds its peers by itself;
-  elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None, force: bool = False) -> None:
+  """Joins the other processes of a multi-host run; call before any other JAX work.
+
+  Explicit settings win: the arguments (--coordinator_address/--num_processes/--process_id), else
+  JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID. Otherwise jax.distributed.initialize()
+  detects them itself in a SLURM or Open MPI job of several tasks, on a GKE TPU slice, or when
+  `force` (--distributed; Cloud TPU VM pod slices, whose peers come from the metadata server).
+  """
   env = os.environ
-  if "JAX_COORDINATOR_ADDRESS" in env:
-    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
-                               int(env["JAX_PROCESS_ID"]))
-  elif int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+  address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+  if address:
+    n = num_processes if num_processes is not None else env.get("JAX_NUM_PROCESSES")
+    i = process_id if process_id is not None else env.get("JAX_PROCESS_ID")
+    if n is None or i is None:
+      raise app.UsageError(f"coordinator address {address!r} given: also set --num_processes and "
+                           "--process_id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+    jax.distributed.initialize(address, int(n), int(i))
+  elif (force or int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")):
     jax.distributed.initialize()
 
 
@@ -171,7 +183,7 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_batch(cfg.data.batch_size, mesh)
   train_iter = data.make_train_iterator(token_data.train, cfg.data.seq_len, cfg.data.batch_size,
-                                        cfg.train.seed, jax.process_index(), jax.process_count())
+                                        cfg.train.seed, *sharding.data_shard_of_process(mesh))
   eval_set = data.eval_batches(token_data.val, cfg.data.seq_len, cfg.data.batch_size, cfg.data.eval_batches)
 
   # model, optimiser, state
@@ -187,7 +199,8 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
     else:  # the newest checkpoint that restores and verifies; broken newer ones are moved aside
       abstract_state = abstract_like(jax.eval_shape(init_fn, jax.random.key(0)), state_shardings)
       start, state = ckpt.restore_latest(abstract_state, train_iter, log=log)
-      log(f"resumed from {ckpt.directory} at step {start}")
+      if is_main:
+        log(f"resumed from {ckpt.directory} at step {start}")
     if is_main:  # only once the state fits: a refused or failed resume must leave config.json as it was
       with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
         f.write(config_lib.to_json(cfg))
@@ -308,7 +321,7 @@ class Loop:
     self.log(f"step {step}: non-finite {bad}: update skipped ({self.consecutive_skips} in a row)")
 
   def evaluate(self, step, params, eval_fn, eval_set) -> None:
-    p, n = jax.process_index(), jax.process_count()
+    p, n = sharding.data_shard_of_process(self.mesh)  # this process's block of each batch
     losses = []
     for batch in eval_set:
       rows = batch["tokens"].shape[0] // n
@@ -340,6 +353,12 @@ class Loop:
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py[:block=pre_ln]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, config.json")
 _ALLOW = flags.DEFINE_bool("allow_config_change", False, "Resume even if the model config differs from the checkpoint's")
+# Multi-host (docs/SCALING.md): set these, or the JAX_* variables, where JAX cannot find its peers itself.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() and let it detect "
+                                 "the peers (Cloud TPU pod slices); SLURM/MPI jobs are detected without it")
 
 
 def main(argv) -> None:
@@ -347,7 +366,7 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("both --config and --workdir are required")
-  maybe_initialize_distributed()
+  maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
   try:
     final = train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)
   except (ConfigError, DataError, CheckpointError) as e:
