@@ -15,7 +15,10 @@ SETUPS = {
                  warmup=2, lr=3e-3, max_files=40),
     "cpu": dict(depths={"pre_ln": [4, 8, 16, 32, 64], "keel": [4, 8, 16, 32, 64], "post_ln": [8, 32, 64],
                         "deepnorm": [8, 32, 64], "mix_ln": [8, 32, 64]},
-                d_model=64, seq_len=64, batch_size=8, steps=150, warmup=15, lr=3e-3, max_files=200),
+                d_model=64, seq_len=64, batch_size=8, steps=150, warmup=15, lr=3e-3, max_files=200,
+                # Added after the first results (Keel flat in depth, Post-LN improving): is alpha = L too
+                # large a shortcut weight for a 150-step budget? Same run with other keel_alpha rules.
+                alpha_check=dict(depth=64, alphas=["sqrt_L", "1"])),
     # DESIGN.md's model and recipe, 20k steps per depth.
     "paper": dict(depths={b: [16, 64, 128, 256, 512, 1024] for b in ("pre_ln", "keel")} |
                   {b: [16, 64, 256] for b in ("post_ln", "deepnorm", "mix_ln")}, steps=20_000, lr=1e-3),
@@ -31,10 +34,14 @@ def make_config(size: str, s: dict, block: str, depth: int):
                              warmup_steps=s["warmup"], max_files=s["max_files"], log_every=10)
 
 
-def run_one(study, size, s, block, depth) -> dict:
-  run = common.train_run(make_config(size, s, block, depth), study.workdir(f"{block}_L{depth}"), study.log_path)
+def run_one(study, size, s, block, depth, alpha: str | None = None) -> dict:
+  cfg = make_config(size, s, block, depth)
+  if alpha is not None:
+    cfg.model.keel_alpha = alpha
+  key = f"{block}_L{depth}" + (f"_alpha{alpha}" if alpha is not None else "")
+  run = common.train_run(cfg, study.workdir(key), study.log_path)
   train = common.train_records(run["records"])
-  return {"block": block, "depth": depth, "eval_loss": run["eval"].get("eval_loss"),
+  return {"block": block, "depth": depth, "keel_alpha": cfg.model.keel_alpha, "eval_loss": run["eval"].get("eval_loss"),
           "final_train_loss": train[-1]["loss"] if train else None, "halted": run["halted"],
           "loss_spike_events": sum(r.get("event") == "loss_spike" for r in run["records"])}
 
@@ -48,6 +55,10 @@ def main() -> None:
     for block, ds in s["depths"].items():
       if depth in ds:
         study.run(f"{block}_L{depth}", lambda: run_one(study, args.size, s, block, depth))
+  a = s.get("alpha_check")
+  if a:
+    for alpha in a["alphas"]:
+      study.run(f"keel_L{a['depth']}_alpha{alpha}", lambda: run_one(study, args.size, s, "keel", a["depth"], alpha))
   runs = study.result["runs"]
   all_depths = sorted({d for ds in s["depths"].values() for d in ds})
   lines = ["| block | " + " | ".join(f"L={d}" for d in all_depths) + " |", "|" + "---|" * (len(all_depths) + 1)]
@@ -58,6 +69,11 @@ def main() -> None:
       cells.append("-" if r is None else (f"{r['eval_loss']:.3f}" if common.finite(r["eval_loss"]) else "diverged"))
     lines.append(f"| {b} | " + " | ".join(cells) + " |")
   md = "\n".join(lines)
+  if a:
+    md += f"\n\nKeel's shortcut weight at {a['depth']} sub-layers:\n\n| keel_alpha | eval loss |\n|---|---|\n"
+    for alpha in ["L"] + a["alphas"]:
+      r = runs[f"keel_L{a['depth']}" + ("" if alpha == "L" else f"_alpha{alpha}")]
+      md += f"| {alpha} | {r['eval_loss']:.3f} |\n"
   study.save(table_markdown=md)
   fig, axes = common.figure()
   ax = axes[0][0]
@@ -66,6 +82,7 @@ def main() -> None:
   ax.set(xscale="log", xlabel="sub-layers L", ylabel="final eval loss (nats/token)",
          title=f"d_model {s.get('d_model', 1024)}, {s['steps']} steps")
   ax.set_xticks(all_depths, [str(d) for d in all_depths])
+  ax.minorticks_off()  # log-axis minor labels ('3x10^0') clutter a handful of depths
   ax.legend(fontsize=7)
   common.savefig(fig, study.png("loss_vs_depth"))
   print(md)

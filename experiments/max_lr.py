@@ -128,19 +128,23 @@ def verdict(r: dict, rule: dict, criteria=("nonfinite", "spike", "stagnation")) 
 
 def plot(study, s) -> None:
   runs, verdicts = study.result["runs"], study.result["table"]
-  fig, axes = common.figure(len(s["depths"]), 1, w=4.4)
-  for ax, depth in zip(axes[0], s["depths"]):
-    for b in s["blocks"]:
-      r = runs.get(f"{b}_L{depth}")
+  w = s.get("width_check")
+  panels = [(d, "", s["blocks"], s.get("d_model")) for d in s["depths"]]
+  if w:
+    panels.append((w["depth"], f"_d{w['d_model']}", w["blocks"], w["d_model"]))
+  fig, axes = common.figure(len(panels), 1, w=4.4)
+  for ax, (depth, suffix, blocks, width) in zip(axes[0], panels):
+    for b in blocks:
+      r = runs.get(f"{b}_L{depth}{suffix}")
       if not r:
         continue
       lr, loss = np.array(r["curve"]["lr"], float), common.nanify(r["curve"]["loss"])
       med = np.array([np.nanmedian(loss[max(0, i - SMOOTH + 1):i + 1]) for i in range(len(loss))])
       ax.plot(lr, med, color=common.block_color(b), lw=1, label=b)  # the smoothed s_t the rule reads
-      v = verdicts[f"{b}_L{depth}"]
+      v = verdicts[f"{b}_L{depth}{suffix}"]
       if v["diverged"]:
         ax.axvline(v["max_lr"], color=common.block_color(b), ls=":", lw=1)
-    ax.set(title=f"{depth} sub-layers", xlabel="learning rate (linear warmup)",
+    ax.set(title=f"{depth} sub-layers" + (f", d_model {width}" if width else ""), xlabel="learning rate (linear warmup)",
            ylabel=f"train loss, {SMOOTH}-step median",
            xscale="log", xlim=(1e-4, PEAK_LR), ylim=(0, 8))
   axes[0][0].legend(fontsize=7)

@@ -75,6 +75,7 @@ def main() -> None:
     ax.axhline(runs[f"{t}_{s['blocks'][0]}_L{s['depths'][0]}"]["chance"], color="gray", ls=":", lw=0.8)
     ax.set(xscale="log", title=t, xlabel="sub-layers L", ylabel="answer accuracy", ylim=(0, 1))
     ax.set_xticks(s["depths"], [str(d) for d in s["depths"]])
+    ax.minorticks_off()  # log-axis minor labels ('3x10^0') clutter a handful of depths
   axes[0][0].legend(fontsize=7)
   common.savefig(fig, study.png("accuracy_vs_depth"))
   # S5-style tasks: accuracy by answer index (prefix length) at the deepest setting
