@@ -10,7 +10,7 @@ def get_config(arg=None):
   cfg.model.update(block="keel", num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, d_ff=384,
                    remat_policy="none")  # a 0.8M-parameter model needs no remat on a 24 GiB host
   cfg.data.update(source="stdlib", seq_len=128, batch_size=32, eval_batches=16)
-  cfg.train.update(num_steps=1000, lr=5e-3, warmup_steps=100, eval_every=250, checkpoint_every=250,
+  cfg.train.update(num_steps=600, lr=5e-3, warmup_steps=60, eval_every=200, checkpoint_every=200,
                    log_every=25)
   config_lib.apply_arg(cfg, arg)
   return cfg
