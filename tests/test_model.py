@@ -13,7 +13,15 @@ from keel_jax.errors import ConfigError
 from keel_jax.model import Decoder, init_params, lm_loss, unstack_layers, layer_stack
 from keel_jax.model_config import ModelConfig
 
-jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True)
+def no_silent_broadcasting():
+  """Rank promotion raises in the model's tests only (a module-level config update would leak into
+  every test module collected after this one)."""
+  with jax.numpy_rank_promotion("raise"):
+    yield
+
 BLOCKS = ["keel", "pre_ln", "post_ln", "deepnorm", "mix_ln"]
 
 
