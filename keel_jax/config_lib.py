@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
       eps=1e-8, weight_decay=0.01, clip_norm=1.0, seed=0, log_every=10, eval_every=200,
       checkpoint_every=200, keep_checkpoints=3, nonfinite_policy="halt", max_consecutive_skips=10,
       spike_factor=3.0, profile_steps=0,
+      compilation_cache_dir="",  # persistent XLA compilation cache ("" = off); docs/PERFORMANCE.md
       # Test hook: NaN gradient (last param leaf) at steps debug_nonfinite_step .. +count-1; -1 = off.
       debug_nonfinite_step=-1, debug_nonfinite_count=1)
   # Axis sizes (one may be -1: the rest). dcn_*: how many of an axis's ways cross the slow network

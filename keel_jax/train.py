@@ -64,16 +64,26 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule, 
       bad = (state.step + 1 >= debug_nonfinite[0]) & (state.step + 1 < sum(debug_nonfinite))
       *rest, last = jax.tree.leaves(grads)
       grads = jax.tree.unflatten(jax.tree.structure(grads), [*rest, jnp.where(bad, jnp.nan, last)])
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
-    keep = lambda new, old: jnp.where(finite, new, old)
-    new_state = TrainState(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
-                           opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+
+    # lax.cond rather than jnp.where(finite, new, old): only the taken branch runs, so the update can
+    # write the donated state in place instead of holding old and new state at once (the where form
+    # made donation save ~2% of the step's peak memory; docs/PERFORMANCE.md).
+    def apply(params, opt_state):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      return params, opt_state, optax.tree.norm(updates), optax.tree.norm(params)
+
+    def skip(params, opt_state):  # norms NaN, as the discarded update's would be
+      nan = jnp.full((), jnp.nan, jnp.float32)
+      return params, opt_state, nan, nan
+
+    params, opt_state, update_norm, param_norm = jax.lax.cond(finite, apply, skip, state.params, state.opt_state)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
-               "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params),
+               "update_norm": update_norm, "param_norm": param_norm,
                "finite": finite, "leaf_finite": leaf_finite, "skipped": new_state.skipped,
                "sublayer_grad_norm": sublayer_norms(grads, model.cfg)}
     return new_state, metrics
@@ -150,6 +160,14 @@ def create_state(model, tx, mesh, rng):
   return jax.jit(init, out_shardings=shardings), shardings, abstract_boxed
 
 
+def setup_compilation_cache(cache_dir: str) -> None:
+  """Persistent XLA compilation cache in `cache_dir` (train.compilation_cache_dir; JAX also reads
+  JAX_COMPILATION_CACHE_DIR itself): a re-run with the same shapes loads its executables instead of
+  compiling them. Takes effect only before the process's first compilation."""
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(cache_dir)))
+
+
 def install_preemption_handler() -> dict:
   """SIGTERM/SIGINT set a flag; the loop finishes its step, saves, and exits EXIT_PREEMPTED.
   Returns {'signal': None | signum, 'previous': handlers to put back when the loop ends}."""
@@ -171,6 +189,7 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
   chunks this way; tests use it to interrupt a run deterministically).
   """
   config_lib.validate(cfg)  # everything but the vocabulary size, before any data or compile work
+  setup_compilation_cache(cfg.train.get("compilation_cache_dir", ""))
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.keep_checkpoints)
@@ -244,12 +263,12 @@ class Loop:
 
   def run(self, state, start, step_fn, eval_fn, train_iter, eval_set, stop_after=None) -> dict:
     t, tokens_per_step = self.cfg.train, self.cfg.data.batch_size * self.cfg.data.seq_len
-    bar = None
-    if self.is_main:
+    bar = None  # a live bar on a terminal; elsewhere (logs, pipes, notebooks' captured output) plain lines
+    if self.is_main and (sys.stderr.isatty() or os.environ.get("KEEL_PROGRESS") == "1"):
       from tqdm.auto import tqdm
-      bar = tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                 mininterval=1.0, disable=not sys.stderr.isatty() and os.environ.get("KEEL_PROGRESS") != "1")
+      bar = tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     self.last_step, pending = start, None
+    self.run_start = (time.perf_counter(), start)
     end = t.num_steps if stop_after is None else min(stop_after, t.num_steps)
     for step in range(start, end):
       self.maybe_profile(step, start)
@@ -304,8 +323,10 @@ class Loop:
                  sublayer_grad_norm=np.round(m["sublayer_grad_norm"], 6))
       self.writer.write(step, "train", rec)
       if bar is None and self.is_main:
-        self.log(f"step {step}: loss {loss:.4f} lr {float(m['lr']):.2e} grad_norm {float(m['grad_norm']):.3f} "
-                 f"tok/s {tps:,.0f}")
+        t0, step0 = self.run_start  # ETA from this run's average pace (includes compile and eval time)
+        eta = (now - t0) / max(step - step0, 1) * (t.num_steps - step)
+        self.log(f"step {step}/{t.num_steps}: loss {loss:.4f} lr {float(m['lr']):.2e} "
+                 f"grad_norm {float(m['grad_norm']):.3f} tok/s {tps:,.0f} eta {eta / 60:.1f} min")
 
   def on_nonfinite(self, step, m) -> None:
     bad = "loss" if not math.isfinite(float(m["loss"])) else (

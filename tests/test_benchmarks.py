@@ -1,0 +1,91 @@
+"""The benchmark scripts run end to end (`--small`, in a subprocess, as a user runs them) and print
+JSON of the documented shape, with the load average recorded."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cli_utils import REPO, cli_env
+
+# Fast XLA compiles: --small runs are dominated by compile time, and their numbers are not results.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def run_script(name: str, *args: str) -> dict:
+  env = cli_env(XLA_FLAGS=FAST_COMPILE)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", name), "--small", *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stderr[-4000:]}"
+  out = json.loads(proc.stdout)
+  loadavg = out["env"]["loadavg"]
+  assert len(loadavg) == 3 and len(out["loadavg_end"]) == 3
+  return out
+
+
+@pytest.mark.slow
+def test_depth_compile_reports_compile_and_step_times_per_depth():
+  out = run_script("depth_compile.py")
+  rows = out["rows"]
+  assert [(r["scan_layers"], r["blocks"]) for r in rows] == [(True, 2), (True, 8), (False, 2)]
+  for r in rows:
+    assert r["lower_compile_s"] > 0 and r["lower_compile_cpu_s"] > 0 and r["step"]["median_s"] > 0
+  assert set(out["criterion"]) >= {"ratio_wall", "ratio_cpu", "met", "target"}
+
+
+@pytest.mark.slow
+def test_grad_ratio_reports_init_and_trained_ratios_per_block():
+  out = run_script("grad_ratio.py")
+  assert set(out["summary"]) == {"post_ln", "keel"}
+  for r in out["rows"]:
+    assert len(r["g_init"]) == len(r["g_trained"]) == r["sub_layers"] == 4
+    assert set(r["init"]) == set(r["trained"]) == {"low_high", "first_last", "block1_high"}
+    assert r["init"]["low_high"] > 0 and r["trajectory"][-1]["step"] == 3
+
+
+@pytest.mark.slow
+def test_step_time_reports_mfu_overhead_and_habits():
+  out = run_script("step_time.py")
+  assert out["peak"]["float32"]["flops_per_s"] > 0
+  o = out["overhead"]
+  assert 0 < o["keel"]["mfu"] < 1 and 0 < o["pre_ln"]["mfu"] < 1 and "keel_overhead_pct" in o
+  assert out["donate"]["donated"]["memory"]["alias_size_in_bytes"] > 0
+  assert out["donate"]["not_donated"]["memory"]["alias_size_in_bytes"] == 0
+  assert out["late_metrics"]["late_step_s"] > 0 and out["bf16"]["time_ratio_bf16_over_f32"] > 0
+
+
+@pytest.mark.slow
+def test_memory_depth_measures_each_config_in_its_own_process():
+  out = run_script("memory_depth.py")
+  rows = out["sweep"] + out["headline"]
+  assert [r["mode"] for r in rows] == ["flat/full", "nested", "nested"]
+  for r in rows:
+    assert "error" not in r, r.get("error")
+    assert r["peak_rss_bytes"] > r["baseline_rss_bytes"] > 0 and r["finite"]
+  assert rows[1]["groups"] == 2 and rows[2]["groups"] == 2  # divisors nearest sqrt(4), sqrt(8) (tie: fewer)
+  assert [r["mode"] for r in out["analysis"]] == ["flat/full", "nested"]
+  assert all(r["xla_peak_bytes"] > 0 and r["steps"] == 0 for r in out["analysis"])
+
+
+@pytest.mark.slow
+def test_accelerator_mfu_runs_on_cpu_with_a_measured_peak():
+  out = run_script("accelerator_mfu.py")
+  assert out["peak_source"].startswith("measured")  # no table entry for a CPU
+  done = [v for v in out["variants"] if "tokens_per_s" in v]
+  assert len(done) == 2 and all(0 < v["mfu"] for v in done) and out["best"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_train_compilation_cache_dir_fills_the_persistent_cache(tmp_path):
+  """train.compilation_cache_dir (keel_jax.train.setup_compilation_cache) turns JAX's persistent cache on."""
+  from cli_utils import run_train
+  cache = tmp_path / "xla_cache"
+  env = cli_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # cache even fast compiles: no flakiness
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  run_train(tmp_path / "run", "--config.train.num_steps=2", "--config.train.eval_every=2",
+            "--config.train.checkpoint_every=2", f"--config.train.compilation_cache_dir={cache}", env=env)
+  assert cache.is_dir() and len(list(cache.iterdir())) > 0
