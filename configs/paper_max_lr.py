@@ -1,4 +1,4 @@
-# python -m keel_jax.train --config configs/paper_max_lr.py:block=keel,num_layers=32 --workdir gs://BUCKET/maxlr_keel_64
+# python -m keel_jax.train --config configs/paper_max_lr.py:block=keel,num_layers=32 --workdir workdirs/maxlr_keel_64
 # The paper's max-LR stress test (Table 1): linear warmup 0 -> 5e-2 over 5000 steps, no decay; the max
 # LR is the LR one step before divergence (experiments/max_lr.py reads it off metrics.jsonl).
 # 64 sub-layers = num_layers=32; 512 sub-layers = num_layers=256.
