@@ -260,6 +260,7 @@ class Loop:
     self.last_eval: dict = {}
     self.preempt = install_preemption_handler()
     self.last_time, self.last_step = time.perf_counter(), None
+    self.tracing = False
 
   def run(self, state, start, step_fn, eval_fn, train_iter, eval_set, stop_after=None) -> dict:
     t, tokens_per_step = self.cfg.train, self.cfg.data.batch_size * self.cfg.data.seq_len
@@ -356,13 +357,23 @@ class Loop:
       self.log(f"step {step}: eval loss {loss:.4f}, bits/byte {bpb:.4f}")
 
   def maybe_profile(self, step, start) -> None:
+    """train.profile_steps=N: a trace of N steps (from the third: the first two compile and warm up)
+    in workdir/profile, for TensorBoard's profile plugin or Perfetto."""
     n = self.cfg.train.profile_steps
-    if n and step == start + 2:  # skip compilation
+    if n and step == start + 2:
       jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
-    if n and step == start + 2 + n:
+      self.tracing = True
+    if self.tracing and step == start + 2 + n:
+      self.stop_profile()
+
+  def stop_profile(self) -> None:
+    if self.tracing:  # also when the run ends (or stops) before the N steps are done
       jax.profiler.stop_trace()
+      self.tracing = False
+      self.log(f"profile trace written to {os.path.join(self.workdir, 'profile')}")
 
   def close(self) -> None:
+    self.stop_profile()
     for s, previous in self.preempt["previous"].items():
       signal.signal(s, previous)
     self.ckpt.close()

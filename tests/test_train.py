@@ -1,6 +1,7 @@
 """Training system: exact resume, end-to-end CLI, config validation before any compile."""
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -49,8 +50,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 def test_cli_trains_writes_config_metrics_checkpoints_and_resumes(tmp_path):
-  out = run_train(tmp_path, "--config.train.num_steps=10", "--config.model.block=pre_ln")
+  out = run_train(tmp_path, "--config.train.num_steps=10", "--config.model.block=pre_ln",
+                  "--config.train.log_every=5", "--config.train.profile_steps=3")
   final = json.loads(out.stdout.strip().splitlines()[-1])
+  # Not a terminal: plain progress lines with an ETA instead of a bar; the trace of steps 3-5 is written.
+  assert re.search(r"step 5/10: loss [\d.]+ .* eta [\d.]+ min", out.stdout), out.stdout
+  assert list((tmp_path / "profile").rglob("*.xplane.pb")), "no profiler trace"
   assert final["step"] == 10 and np.isfinite(final["eval_bpb"])
   saved = json.load(open(tmp_path / "config.json"))
   assert saved["model"]["block"] == "pre_ln" and saved["train"]["num_steps"] == 10
