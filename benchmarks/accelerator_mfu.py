@@ -63,14 +63,14 @@ def model_flops_per_token(mc: ModelConfig, seq_len: int) -> float:
 def make_step(model: Decoder, tx, schedule):
   """(step, state class, name): keel_jax.train's step where it imports, else an equivalent plain one."""
   try:  # needs grain / ml-collections / orbax through keel_jax.train's imports
-    from keel_jax.train import TrainState, make_train_step
-    return make_train_step(model, tx, schedule), TrainState, "keel_jax.train.make_train_step"
+    from keel_jax.train_step import TrainState, make_train_step
+    return make_train_step(model, tx, schedule), TrainState, "keel_jax.train_step.make_train_step"
   except Exception as e:  # ImportError on the accelerator images; anything else there is no reason to stop
     print(f"keel_jax.train not importable ({type(e).__name__}: {e}); using a local step", file=sys.stderr)
   import flax
 
   @flax.struct.dataclass
-  class State:  # the fields of keel_jax.train.TrainState
+  class State:  # the fields of keel_jax.train_step.TrainState
     step: jax.Array
     params: object
     opt_state: object

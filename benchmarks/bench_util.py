@@ -18,7 +18,7 @@ import numpy as np
 from keel_jax import config_lib
 from keel_jax.model import Decoder, init_params, strip_boxes
 from keel_jax.optimizer import lr_schedule, make_optimizer
-from keel_jax.train import TrainState, make_train_step
+from keel_jax.train_step import TrainState, make_train_step
 
 VOCAB = 320  # the byte tokenizer's 257 ids padded to a multiple of 64, as config_lib.validate does
 

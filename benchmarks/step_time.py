@@ -53,7 +53,7 @@ def where_guard_step(model, tx, schedule):
   import jax.numpy as jnp
   from keel_jax.diagnostics import sublayer_norms
   from keel_jax.model import lm_loss
-  from keel_jax.train import TrainState
+  from keel_jax.train_step import TrainState
 
   def train_step(state, batch):
     loss, grads = jax.value_and_grad(lambda p: lm_loss(model, p, batch["tokens"]))(state.params)

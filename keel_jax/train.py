@@ -14,23 +14,19 @@ import sys
 import time
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from keel_jax import config_lib, data, sharding
 from keel_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
-from keel_jax.diagnostics import sublayer_norms
 from keel_jax.errors import ConfigError, DataError
 from keel_jax.metrics import MetricsWriter
-from keel_jax.model import Decoder, init_params, lm_loss, param_table, strip_boxes
-from keel_jax.model_config import ModelConfig
+from keel_jax.model import Decoder, param_table
 from keel_jax.optimizer import lr_schedule, make_optimizer
+from keel_jax.train_step import create_state, make_eval_step, make_train_step
 
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: checkpoint saved, re-run to resume (EX_TEMPFAIL)
 EXIT_NONFINITE = 3  # halted on a non-finite loss or gradient; last good checkpoint kept
@@ -39,60 +35,6 @@ EXIT_BAD_INPUT = 2
 
 class TrainingHalted(RuntimeError):
   """A non-finite loss/gradient under policy 'halt' (or too many skips in a row)."""
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 scalar: optimiser steps taken
-  params: Any
-  opt_state: Any
-  skipped: jax.Array  # int32 scalar: non-finite updates skipped so far
-
-
-# ---- the step ------------------------------------------------------------------------------------
-
-def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule, debug_nonfinite=(-1, 1)):
-  """(state, batch) -> (state, metrics). A non-finite loss or gradient leaves the state unchanged.
-
-  `debug_nonfinite=(k, n)` (train.debug_nonfinite_step/_count; tests only) makes the gradient of
-  the last parameter leaf NaN at steps k .. k+n-1, to exercise the non-finite policies for real.
-  """
-
-  def train_step(state: TrainState, batch):
-    loss, grads = jax.value_and_grad(lambda p: lm_loss(model, p, batch["tokens"]))(state.params)
-    if debug_nonfinite[0] >= 0:  # test hook, off by default (then not even traced)
-      bad = (state.step + 1 >= debug_nonfinite[0]) & (state.step + 1 < sum(debug_nonfinite))
-      *rest, last = jax.tree.leaves(grads)
-      grads = jax.tree.unflatten(jax.tree.structure(grads), [*rest, jnp.where(bad, jnp.nan, last)])
-    leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-    finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
-
-    # lax.cond rather than jnp.where(finite, new, old): only the taken branch runs, so the update can
-    # write the donated state in place instead of holding old and new state at once (the where form
-    # made donation save ~2% of the step's peak memory; docs/PERFORMANCE.md).
-    def apply(params, opt_state):
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      return params, opt_state, optax.tree.norm(updates), optax.tree.norm(params)
-
-    def skip(params, opt_state):  # norms NaN, as the discarded update's would be
-      nan = jnp.full((), jnp.nan, jnp.float32)
-      return params, opt_state, nan, nan
-
-    params, opt_state, update_norm, param_norm = jax.lax.cond(finite, apply, skip, state.params, state.opt_state)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           skipped=state.skipped + (~finite).astype(jnp.int32))
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
-               "update_norm": update_norm, "param_norm": param_norm,
-               "finite": finite, "leaf_finite": leaf_finite, "skipped": new_state.skipped,
-               "sublayer_grad_norm": sublayer_norms(grads, model.cfg)}
-    return new_state, metrics
-
-  return train_step
-
-
-def make_eval_step(model: Decoder):
-  return lambda params, batch: lm_loss(model, params, batch["tokens"])
 
 
 # ---- setup ---------------------------------------------------------------------------------------
@@ -139,25 +81,6 @@ def check_resume_compatible(workdir: str, cfg, allow_change: bool) -> None:
     lines = "\n".join(f"  {k}: checkpoint has {a!r}, config asks for {b!r}" for k, (a, b) in sorted(diff.items()))
     raise ConfigError("workdir", workdir, "a workdir whose checkpoint matches the model config; it differs:\n"
                       f"{lines}\nUse a new --workdir, or pass --allow_config_change to resume anyway.")
-
-
-def create_state(model, tx, mesh, rng):
-  """The train state, created directly sharded: abstract shapes, then a jitted init with out_shardings."""
-  abstract_boxed = jax.eval_shape(lambda r: init_params(model, r), rng)
-  sharding.check_divisible(abstract_boxed, mesh)
-  p_shard = sharding.param_shardings(abstract_boxed, mesh)
-  abstract_params = strip_boxes(abstract_boxed)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  shardings = TrainState(step=replicated, params=p_shard,
-                         opt_state=sharding.opt_state_shardings(tx, abstract_params, p_shard, mesh),
-                         skipped=replicated)
-
-  def init(r):
-    params = strip_boxes(init_params(model, r))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      skipped=jnp.zeros((), jnp.int32))
-
-  return jax.jit(init, out_shardings=shardings), shardings, abstract_boxed
 
 
 def setup_compilation_cache(cache_dir: str) -> None:

@@ -81,7 +81,7 @@ def _state_setup(cfg, mesh):
   from keel_jax.checkpoint import abstract_like
   from keel_jax.model import Decoder
   from keel_jax.optimizer import make_optimizer
-  from keel_jax.train import create_state
+  from keel_jax.train_step import create_state
   model = Decoder(config_lib.validate(cfg, 257))  # the byte tokenizer's vocabulary
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     init_fn, shardings, _ = create_state(model, make_optimizer(cfg.train), mesh, jax.random.key(0))
