@@ -1,6 +1,6 @@
 """Study 5: accuracy versus depth on depth-sensitive synthetic tasks, Pre-LN and Keel.
 
-Each run trains on `data.source='synthetic'` (keel_jax/synthetic.py) through keel_jax.train, then the
+Each run trains on `data.source='synthetic'` (keel_jax/data/synthetic.py) through keel_jax.train, then the
 final params (from the checkpoint) are scored on held-out windows: greedy accuracy on answer positions
 only (the training loss covers every position; inputs are random, so only answers are learnable).
 
@@ -36,7 +36,7 @@ def make_config(size: str, s: dict, task: str, block: str, depth: int):
 
 
 def run_one(study, size, s, task, block, depth) -> dict:
-  from keel_jax import synthetic
+  from keel_jax.data import synthetic
   cfg = make_config(size, s, task, block, depth)
   workdir = study.workdir(f"{task}_{block}_L{depth}")
   run = common.train_run(cfg, workdir, study.log_path)

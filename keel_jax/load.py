@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from keel_jax import config_lib
 from keel_jax import tokenizer as tokenizer_lib
+from keel_jax.data import synthetic
 from keel_jax.model import Decoder, init_params, strip_boxes
 from keel_jax.model_config import ModelConfig
 
@@ -85,7 +86,6 @@ def choose_step(workdir: str, step: int | None = None) -> int:
 def load_tokenizer(workdir: str, cfg: ml_collections.ConfigDict):
   """The run's tokenizer: `workdir/tokenizer/`, or the task's for synthetic data (none is saved)."""
   if cfg.data.source == "synthetic":
-    from keel_jax import synthetic
     return synthetic.SyntheticTokenizer(synthetic.parse_task(cfg.data.synthetic_task))
   directory = os.path.join(workdir, "tokenizer")
   if not os.path.isdir(directory):

@@ -15,6 +15,7 @@ from keel_jax.attention import dense
 from keel_jax.blocks import Block, has_final_norm, sublayer_schedule
 from keel_jax.model_config import ModelConfig
 from keel_jax.norms import RMSNorm
+from keel_jax.sharding import strip_boxes
 
 REMAT_POLICIES = {
     "full": None,  # save only block inputs, recompute everything else
@@ -121,13 +122,6 @@ def lm_loss(model: Decoder, params, tokens_BxT1: jax.Array, **apply_kwargs) -> j
 
 
 # ---- parameter layout helpers -------------------------------------------------------------------
-
-def strip_boxes(tree):
-  """nn.Partitioned boxes -> their values (also abstract ones), without the sharding constraint
-  that `nn.meta.unbox` applies, which needs a concrete mesh."""
-  return jax.tree.map(lambda b: b.value if isinstance(b, nn.Partitioned) else b, tree,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
 
 def layer_stack(params, cfg: ModelConfig):
   """The per-block params as one tree with a leading [num_layers] axis, whatever the layout."""

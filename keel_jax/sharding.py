@@ -17,7 +17,6 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from keel_jax.errors import ConfigError
-from keel_jax.model import strip_boxes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -44,6 +43,13 @@ LOGICAL_RULES = (
     ("layer_groups", None),
 )
 DCN_FIELDS = ("dcn_data", "dcn_fsdp", "dcn_tensor")
+
+
+def strip_boxes(tree):
+  """nn.Partitioned boxes -> their values (also abstract ones), without the sharding constraint
+  that `nn.meta.unbox` applies, which needs a concrete mesh."""
+  return jax.tree.map(lambda b: b.value if isinstance(b, nn.Partitioned) else b, tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:

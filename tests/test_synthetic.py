@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from keel_jax import config_lib, data, synthetic
+from keel_jax import config_lib, data
+from keel_jax.data import synthetic
 from keel_jax.errors import ConfigError
 
 
