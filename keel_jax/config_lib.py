@@ -6,12 +6,17 @@ fields by their short or dotted names.
 """
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import json
 import math
+import re
+import sys
 
 import ml_collections
+from absl import flags
 
-from keel_jax.errors import ConfigError
+from keel_jax.errors import EXIT_BAD_INPUT, ConfigError
 from keel_jax.model_config import ModelConfig
 
 
@@ -60,6 +65,9 @@ def _coerce(old, text: str):
   return text
 
 
+SECTIONS = ("model", "data", "train", "mesh")
+
+
 def apply_arg(cfg: ml_collections.ConfigDict, arg: str | None, ignore: tuple[str, ...] = ()) -> None:
   """Sets fields from `arg`. 'num_layers=8' finds the one section holding that name; 'train.lr=1e-3' is explicit."""
   for key, text in parse_arg(arg).items():
@@ -68,17 +76,90 @@ def apply_arg(cfg: ml_collections.ConfigDict, arg: str | None, ignore: tuple[str
     if "." in key:
       section, name = key.split(".", 1)
     else:
-      owners = [s for s in ("model", "data", "train", "mesh") if name_in(cfg, s, key)]
-      if len(owners) != 1:
-        raise ConfigError(f"--config arg {key}", text, "a field of exactly one of model/data/train/mesh")
-      section, name = owners[0], key
+      owners = [s for s in SECTIONS if name_in(cfg, s, key)]
+      if len(owners) > 1:
+        raise ConfigError(f"--config arg {key}", text,
+                          f"a dotted name, as {key} is a field of {' and '.join(owners)}")
+      section, name = (owners[0] if owners else ""), key
     if not name_in(cfg, section, name):
-      raise ConfigError(f"--config arg {key}", text, f"a field of cfg.{section}")
+      raise unknown_field(cfg, key, text, where=f"in --config ...:{key}={text}")
     cfg[section][name] = _coerce(cfg[section][name], text)
 
 
 def name_in(cfg, section: str, name: str) -> bool:
   return section in cfg and name in cfg[section]
+
+
+def field_names(cfg: ml_collections.ConfigDict) -> list[str]:
+  """Every 'section.field' of `cfg`."""
+  return [f"{s}.{f}" for s in cfg for f in (cfg[s] if isinstance(cfg[s], ml_collections.ConfigDict) else ())]
+
+
+def unknown_field(cfg: ml_collections.ConfigDict, path: str, value, where: str) -> ConfigError:
+  """The error for a field `path` ('section.field', or a bare field name) that `cfg` does not have:
+  it names the closest existing fields."""
+  names = field_names(cfg)
+  section = path.rpartition(".")[0]
+  if section and section not in cfg:
+    close = difflib.get_close_matches(section, list(cfg), n=3, cutoff=0.5)
+    hint = f"did you mean section {' or '.join(close)}?" if close else f"the sections are {', '.join(cfg)}"
+    return ConfigError(path, value, f"no such section ({where}); {hint}")
+  if section:
+    close = difflib.get_close_matches(path, names, n=3, cutoff=0.6)
+  else:  # a bare name: compare with the field names alone
+    short = {n.split(".", 1)[1]: n for n in reversed(names)}
+    close = [short[c] for c in difflib.get_close_matches(path, list(short), n=3, cutoff=0.6)]
+  hint = f"did you mean {' or '.join(close)}?" if close else f"the fields are {', '.join(names)}"
+  return ConfigError(path, value, f"no such field ({where}); {hint}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flags parser for every CLI that takes --config (`app.run(main, flags_parser=parse_flags)`):
+  a ConfigError in the config file or its :arg, and an unknown field in a --config.<section>.<field>
+  override, exit 2 with the message (field and closest names), not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # absl and ml_collections re-wrap what the config file raised
+    error = _config_error_in(e) or _override_error(argv)
+    if error is None:
+      raise
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _config_error_in(e: BaseException | None) -> ConfigError | None:
+  while e is not None and not isinstance(e, ConfigError):
+    e = e.__cause__ or e.__context__
+  return e
+
+
+def _override_error(argv: list[str], flag: str = "config") -> ConfigError | None:
+  """Loads the --config file as ml_collections does and checks each override's field exists."""
+  value = None
+  for i, a in enumerate(argv):
+    if a in (f"-{flag}", f"--{flag}") and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif m := re.fullmatch(rf"--?{flag}=(.*)", a):
+      value = m.group(1)
+  if value is None:
+    return None
+  path, _, arg = value.partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("_keel_config_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config(arg) if arg else module.get_config()
+  except ConfigError as e:
+    return e
+  except Exception:  # the file itself is the problem: absl's own message says which
+    return None
+  for a in argv:
+    if m := re.fullmatch(rf"--?(?:no)?{flag}\.([^=]+)(?:=(.*))?", a):
+      field, text = m.group(1), m.group(2)
+      section, _, name = field.rpartition(".")
+      if not name_in(cfg, section, name):
+        return unknown_field(cfg, field, text, where=f"in --{flag}.{field}")
+  return None
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:
@@ -88,7 +169,7 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
 
 def validate(cfg: ml_collections.ConfigDict, vocab_size: int = 256) -> ModelConfig:
   """Checks every section before anything compiles; returns the ModelConfig. Raises ConfigError."""
-  for section in ("model", "data", "train", "mesh"):
+  for section in SECTIONS:
     _check(section in cfg, section, None, f"a '{section}' section (start from config_lib.base_config())")
   d, t = cfg.data, cfg.train
   _check(d.source in ("stdlib", "files", "prepared", "synthetic"), "data.source", d.source,

@@ -1,4 +1,6 @@
-"""Errors raised for bad user input, so CLIs can print them without a traceback."""
+"""Errors raised for bad user input, so CLIs can print them without a traceback, and the exit code they use."""
+
+EXIT_BAD_INPUT = 2  # the exit status of every CLI for a ConfigError, DataError or other bad input
 
 
 class ConfigError(ValueError):

@@ -22,10 +22,9 @@ from absl import app, flags, logging
 
 from keel_jax import config_lib, data
 from keel_jax import evaluate as ev
-from keel_jax.errors import ConfigError, DataError
+from keel_jax.errors import EXIT_BAD_INPUT, ConfigError, DataError
 from keel_jax.load import RunError, load_run
 
-EXIT_BAD_INPUT = 2
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/, tokenizer/)")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest)")

@@ -17,11 +17,10 @@ import sys
 from absl import app, flags, logging
 
 from keel_jax import generate as gen
-from keel_jax.errors import ConfigError, DataError
+from keel_jax.errors import EXIT_BAD_INPUT, ConfigError, DataError
 from keel_jax.load import RunError, load_run
 from keel_jax.tokenizer import can_encode
 
-EXIT_BAD_INPUT = 2
 DEFAULT_MAX_NEW = 200  # when --max_new_tokens is not given: this many, or what the context leaves
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/, tokenizer/)")

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from keel_jax import config_lib, data, sharding
 from keel_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
-from keel_jax.errors import ConfigError, DataError
+from keel_jax.errors import EXIT_BAD_INPUT, ConfigError, DataError
 from keel_jax.metrics import MetricsWriter
 from keel_jax.model import Decoder, param_table
 from keel_jax.optimizer import lr_schedule, make_optimizer
@@ -30,7 +30,6 @@ from keel_jax.train_step import create_state, make_eval_step, make_train_step
 
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: checkpoint saved, re-run to resume (EX_TEMPFAIL)
 EXIT_NONFINITE = 3  # halted on a non-finite loss or gradient; last good checkpoint kept
-EXIT_BAD_INPUT = 2
 
 
 class TrainingHalted(RuntimeError):
@@ -335,4 +334,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)
