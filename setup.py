@@ -24,5 +24,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8,<10", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6,<8"],
+        # libtpu (about 700 MB) for TPU runs and for ahead-of-time TPU compiles on any host
+        # (python -m keel_jax.aot); same jax range as above, so pip keeps the installed jax.
+        "tpu": ["jax[tpu]>=0.10,<0.12"],
     },
 )

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from keel_jax.flops import matmul_flops_per_token
 from keel_jax.model import Decoder, init_params, lm_loss, strip_boxes
 from keel_jax.model_config import ModelConfig
 from keel_jax.optimizer import lr_schedule, make_optimizer
@@ -53,11 +54,8 @@ def device_peak(kind: str) -> float | None:
 
 
 def model_flops_per_token(mc: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token: 3 x (2 per weight in the matmuls + causal QK^T and PV), as in bench_util."""
-  D, Hd = mc.d_model, mc.head_dim
-  weights = D * mc.num_heads * Hd * 2 + D * mc.num_kv_heads * Hd * 2 + 3 * D * mc.d_ff
-  attn = 2 * 2 * seq_len * mc.num_heads * Hd / 2
-  return 3 * (mc.num_layers * (2 * weights + attn) + 2 * D * mc.vocab_size)
+  """Training FLOPs per token: 3 x (2 per weight in the matmuls + causal QK^T and PV)."""
+  return matmul_flops_per_token(mc, seq_len)["train_flops_per_token"]
 
 
 def make_step(model: Decoder, tx, schedule):

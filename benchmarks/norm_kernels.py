@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
   results = run(shapes, args.dtypes.split(","), args.ops.split(","), iters, kernel_kw)
   report = dict(
       backend=backend, device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-      pallas_lowering=K._resolve_lowering(interpret, args.lowering),
+      pallas_lowering=K._resolve_lowering(interpret, args.lowering, K.target_platform()),
       auto_impl=K.resolve_norm_impl("auto", backend),
       note=("interpret mode: the kernels run as a CPU emulation, so these timings are meaningless "
             "for any accelerator; this run only checks that the benchmark works") if interpret else

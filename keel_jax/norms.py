@@ -19,11 +19,11 @@ def rms_norm_xla(x_BxTxD: jax.Array, g_D: jax.Array, eps: float) -> jax.Array:
 
 
 def resolve_impl(impl: str) -> str:
-  """'auto' picks per backend (see kernels.rmsnorm.resolve_norm_impl); 'xla'/'pallas' are explicit."""
+  """'auto' picks per target platform (see kernels.rmsnorm.resolve_norm_impl); 'xla'/'pallas' are explicit."""
   if impl == "xla":
     return "xla"
   from keel_jax.kernels import rmsnorm  # imported lazily: Pallas is only needed when asked for
-  return rmsnorm.resolve_norm_impl(impl, jax.default_backend())
+  return rmsnorm.resolve_norm_impl(impl, rmsnorm.target_platform())
 
 
 class RMSNorm(nn.Module):
@@ -43,9 +43,13 @@ class RMSNorm(nn.Module):
     if impl == "pallas":
       from keel_jax.kernels import rmsnorm
       x = x_BxTxD.astype(jnp.float32)
+      # On a mesh the kernels run per device over the activations' rows (sharding.LOGICAL_RULES in
+      # context: batch over data and fsdp); see kernels.rmsnorm.
+      spec = nn.logical_to_mesh_axes(("batch", "length", "embed")[-x.ndim:])
       if branch_BxTxD is None:
-        return rmsnorm.rms_norm(x, g_D, self.eps)
-      return rmsnorm.add_rms_norm(x, branch_BxTxD, jnp.asarray(alpha, jnp.float32), g_D, self.eps)
+        return rmsnorm.rms_norm(x, g_D, self.eps, x_spec=spec)
+      return rmsnorm.add_rms_norm(x, branch_BxTxD, jnp.asarray(alpha, jnp.float32), g_D, self.eps,
+                                  x_spec=spec)
     if branch_BxTxD is None:
       return rms_norm_xla(x_BxTxD, g_D, self.eps)
     z = alpha * x_BxTxD.astype(jnp.float32) + branch_BxTxD.astype(jnp.float32)

@@ -131,10 +131,13 @@ def param_shardings(abstract_boxed_params, mesh, rules=LOGICAL_RULES):
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, shardings, mesh):
-  """Adam moments shard like their params; counters and other scalars are replicated."""
+  """Adam moments shard like their params; counters and other scalars are replicated.
+
+  Abstract throughout (tx.init runs under eval_shape, also for optax's placeholder pass), so this
+  works under `jax.set_mesh` of devices this host cannot hold arrays on (ahead-of-time compiles)."""
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, shardings,
-                               transform_non_params=lambda _: NamedSharding(mesh, P()))
+  return optax.tree_map_params(lambda p: jax.eval_shape(tx.init, p), lambda _, s: s, abstract_opt,
+                               shardings, transform_non_params=lambda _: NamedSharding(mesh, P()))
 
 
 def batch_sharding(mesh) -> NamedSharding:

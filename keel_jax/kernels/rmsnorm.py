@@ -18,17 +18,32 @@ Lowerings, checked against the jax 0.10.2 source and the Pallas changelog (0.10 
 
 `resolve_norm_impl` holds the one decision of where 'auto' uses these kernels (today: nowhere).
 
-Sharding: a compiled kernel is an opaque custom call to XLA's SPMD partitioner, which cannot split
-it; under a mesh, call these functions inside `jax.shard_map` over the token axes (rows are
-independent; only the g / alpha gradients then need the usual psum, which shard_map's transpose adds).
+Which lowering: the platform of the devices the computation is compiled for, read from the mesh in
+context (`jax.set_mesh`; its abstract device), else `jax.default_backend()`. Compiling for a TPU
+slice from a CPU host therefore gets Mosaic TPU, not the interpreter; the interpreter runs only when
+the target is a CPU (or when asked for explicitly).
+
+Sharding: a compiled kernel is an opaque custom call that XLA's SPMD partitioner cannot split. On a
+mesh of more than one device, `rms_norm` / `add_rms_norm` therefore run the kernels inside
+`jax.shard_map` (same wrapper for every lowering, Mosaic TPU and Mosaic GPU alike): rows split as
+`x_spec` says (the model passes its activations' batch axes), each device normalising its own rows;
+g and alpha enter replicated, and shard_map's transpose sums their gradients over the devices. The
+hidden (last) axis is always whole inside the kernel: a `x_spec` that splits it (e.g. over `tensor`)
+is gathered at the shard_map boundary rather than reducing partial sums of squares with a psum,
+since keel_jax's rules never split the residual stream's hidden axis (fsdp goes to the batch
+first), so the gather costs nothing in practice. Row axes that do not divide the row count (a decode
+batch of 3 on 8 devices) are replicated instead: every device then normalises those rows itself.
 """
 from __future__ import annotations
 
 import functools
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 from keel_jax.errors import ConfigError
 
@@ -264,21 +279,60 @@ def _norm_2d_bwd(eps, lowering, block_rows, residuals, dy_NxD):
 _norm_2d.defvjp(_norm_2d_fwd, _norm_2d_bwd)
 
 
-def _resolve_lowering(interpret: bool | None, lowering: str | None) -> str:
+def target_platform(mesh=None) -> str:
+  """The platform the surrounding computation is compiled for: that of the mesh's devices (`mesh`, or
+  the one in context through `jax.set_mesh`), else `jax.default_backend()`. 'tpu', 'gpu' or 'cpu'."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if isinstance(mesh, jax.sharding.Mesh):
+    mesh = mesh.abstract_mesh
+  device = getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def _resolve_lowering(interpret: bool | None, lowering: str | None, platform: str) -> str:
   if lowering is not None:
     if lowering not in LOWERINGS:
       raise ValueError(f"lowering={lowering!r}: expected one of {LOWERINGS}")
     return lowering
-  backend = jax.default_backend()
   if interpret is None:
-    interpret = backend == "cpu"
+    interpret = platform == "cpu"
   if interpret:
     return "interpret"
-  if backend == "tpu":
+  if platform == "tpu":
     return "tpu"
-  if backend in ("gpu", "cuda"):
+  if platform in ("gpu", "cuda"):
     return "mosaic_gpu"
-  raise ValueError(f"no compiled Pallas lowering for backend {backend!r}: pass interpret=True")
+  raise ValueError(f"no compiled Pallas lowering for platform {platform!r}: pass interpret=True")
+
+
+def _shard_spec(x_spec, shape: tuple[int, ...], mesh) -> P:
+  """`x_spec` with the last (hidden) axis whole and every axis that does not divide its dim dropped."""
+  entries = list(x_spec or ())[:len(shape) - 1]
+  entries += [None] * (len(shape) - len(entries))
+  out = []
+  for size, axes in zip(shape[:-1], entries):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    out.append(axes if names and size % math.prod(mesh.shape[a] for a in names) == 0 else None)
+  return P(*out, None)
+
+
+def _on_mesh(kernel, x, f, alpha, g, x_spec):
+  """kernel(x, f, alpha, g) on each device's rows of x (and f) inside `jax.shard_map` when a mesh of
+  more than one device is in context; directly otherwise. f and alpha may be None (plain norm)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(x, f, alpha, g)
+  spec = _shard_spec(x_spec, x.shape, mesh)
+  fused = f is not None
+  operands = (x, f, alpha, g) if fused else (x, g)
+  specs = (spec, spec, P(), P()) if fused else (spec, P())
+
+  def per_device(*ops):
+    return kernel(*ops) if fused else kernel(ops[0], None, None, ops[1])
+
+  # check_vma=False: pallas_call's outputs carry no varying-axes types unless each out_shape names
+  # them; the specs above say what varies.
+  return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*operands)
 
 
 def _check(x, g_D) -> None:
@@ -291,22 +345,24 @@ def _check(x, g_D) -> None:
 
 
 def rms_norm(x: jax.Array, g: jax.Array, eps: float = 1e-5, *, interpret: bool | None = None,
-             block_rows: int | None = None, lowering: str | None = None) -> jax.Array:
+             block_rows: int | None = None, lowering: str | None = None,
+             x_spec: P | None = None) -> jax.Array:
   """x [..., D] (any float dtype), g [D] float32 -> x / sqrt(mean(x^2) + eps) * g in x.dtype.
 
-  Computed in float32; differentiable in x and g. `interpret=None` interprets on CPU and compiles
-  on TPU / GPU. `block_rows` overrides the rows per kernel step (tuning, tests); `lowering` forces
-  one of LOWERINGS (tests and benchmarks).
+  Computed in float32; differentiable in x and g. `interpret=None` interprets when the target
+  (`target_platform`) is a CPU and compiles for TPU / GPU. `block_rows` overrides the rows per
+  kernel step (tuning, tests); `lowering` forces one of LOWERINGS (tests and benchmarks). On a mesh
+  of several devices (`jax.set_mesh`) the kernels run inside `jax.shard_map`, rows split as `x_spec`
+  (a PartitionSpec of x; None: every device normalises all rows).
   """
   _check(x, g)
-  y = _norm_2d(x.reshape(-1, x.shape[-1]), None, None, g, float(eps),
-               _resolve_lowering(interpret, lowering), block_rows)
-  return y.reshape(x.shape)
+  kernel = _kernel_on_rows(float(eps), _resolve_lowering(interpret, lowering, target_platform()), block_rows)
+  return _on_mesh(kernel, x, None, None, g, x_spec)
 
 
 def add_rms_norm(x: jax.Array, f: jax.Array, alpha: jax.Array | float, g: jax.Array,
                  eps: float = 1e-5, *, interpret: bool | None = None, block_rows: int | None = None,
-                 lowering: str | None = None) -> jax.Array:
+                 lowering: str | None = None, x_spec: P | None = None) -> jax.Array:
   """Keel's outer path RMSNorm(alpha * x + f) * g, fused: x [..., D] (the residual stream), f [..., D]
   (the branch output, any float dtype), alpha a float32 scalar (may be traced), g [D] float32.
 
@@ -319,7 +375,17 @@ def add_rms_norm(x: jax.Array, f: jax.Array, alpha: jax.Array | float, g: jax.Ar
   # alpha enters the kernel as a (1, 1) array, never as a Python constant: inside an nn.scan over
   # layers it is a traced per-layer value.
   alpha = jnp.asarray(alpha, jnp.float32).reshape(())
-  d = x.shape[-1]
-  y = _norm_2d(x.reshape(-1, d), f.reshape(-1, d), alpha, g, float(eps),
-               _resolve_lowering(interpret, lowering), block_rows)
-  return y.reshape(x.shape)
+  kernel = _kernel_on_rows(float(eps), _resolve_lowering(interpret, lowering, target_platform()), block_rows)
+  return _on_mesh(kernel, x, f, alpha, g, x_spec)
+
+
+def _kernel_on_rows(eps: float, lowering: str, block_rows: int | None):
+  """(x [..., D], f | None, alpha | None, g [D]) -> y [..., D]: the kernels over the rows of x."""
+
+  def kernel(x, f, alpha, g):
+    d = x.shape[-1]
+    y = _norm_2d(x.reshape(-1, d), None if f is None else f.reshape(-1, d), alpha, g, eps, lowering,
+                 block_rows)
+    return y.reshape(x.shape)
+
+  return kernel
