@@ -35,7 +35,9 @@ import sys
 import time
 from typing import Any
 
-EXIT_FITS, EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT = 0, 1, 2
+# Unlike the other CLIs (bad input: 2, errors.EXIT_BAD_INPUT), 2 here means "does not fit" and bad
+# input is 1, as MaxText's train_compile and scripts that branch on "fits" expect.
+EXIT_FITS, EXIT_INPUT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
 STEPS = ("train", "eval", "sample")
 INSTALL_HINT = "libtpu is not installed: pip install -e '.[tpu]' (jax[tpu], about 700 MB)"
 # Environment a TPU compile needs on a host without a TPU; set before jax is imported.
@@ -396,9 +398,19 @@ def main(argv) -> None:
     report = run(f.config, f.topology, tuple(filter(None, f.steps.split(","))), f.search, log)
   except (tpu_slices.UnknownSlice, ConfigError, AotError) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+    sys.exit(EXIT_INPUT_ERROR)
   print(json.dumps(report) if f.json else describe(report))
   sys.exit(EXIT_FITS if report["fits"] else EXIT_DOES_NOT_FIT)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """config_lib.parse_flags (a config mistake: the message, no traceback), exiting EXIT_INPUT_ERROR."""
+  from keel_jax import config_lib
+  from keel_jax.errors import EXIT_BAD_INPUT
+  try:
+    return config_lib.parse_flags(argv)
+  except SystemExit as e:
+    sys.exit(EXIT_INPUT_ERROR if e.code == EXIT_BAD_INPUT else e.code)
 
 
 def _define_flags() -> None:
@@ -418,4 +430,4 @@ if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the slice; never grab a local accelerator
   from absl import app
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -86,10 +86,11 @@ def test_missing_libtpu_says_how_to_install(monkeypatch):
 @pytest.mark.parametrize("args,message", [
     (["--topology", "v5p-7"], "unknown TPU slice 'v5p-7'; known: v4-8"),
     (["--topology", "v5p-8", "--config.mesh.data=8"], "sizes multiplying to the 4 devices"),
+    (["--topology", "v5p-8", "--config.mesh.dta=4"], "did you mean mesh.data"),
 ])
 def test_cli_bad_input_exits_1_without_traceback(args, message):
   proc = run_module("keel_jax.aot", "--config", "configs/tiny.py", *args, check=False, env=cli_env(**TPU_ENV))
-  assert proc.returncode == aot.EXIT_BAD_INPUT, proc.stderr[-2000:]
+  assert proc.returncode == aot.EXIT_INPUT_ERROR, proc.stderr[-2000:]
   assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -116,7 +117,8 @@ def test_cli_paper_config_on_v5e_4_data_parallel_exits_2_and_says_what_would_hel
   assert proc.returncode == aot.EXIT_DOES_NOT_FIT, proc.stderr[-3000:]
   report = json.loads(proc.stdout)
   assert not report["fits"] and report["per_chip_bytes"] > report["hbm_bytes"] == 16 * 2 ** 30
-  # AdamW state alone: ~0.3 B params x 12 bytes (param + two moments, float32) on each data-parallel chip
+  # its train state alone, ~3.2 B params x 12 bytes (float32 param + two Adam moments) = 36 GiB, is on
+  # every data-parallel chip: sharding it over the 4 chips (fsdp) is the first thing to suggest
   assert any(s["overrides"].get("mesh.fsdp") == 4 for s in report["suggestions"])
 
 
