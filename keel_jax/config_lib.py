@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
       eps=1e-8, weight_decay=0.01, clip_norm=1.0, seed=0, log_every=10, eval_every=200,
       checkpoint_every=200, keep_checkpoints=3, nonfinite_policy="halt", max_consecutive_skips=10,
       spike_factor=3.0, profile_steps=0,
+      telemetry_every=50,  # per-sub-layer telemetry records every N steps (0 = off); keel_jax/plot_telemetry.py
       compilation_cache_dir="",  # persistent XLA compilation cache ("" = off); docs/PERFORMANCE.md
       # Test hook: NaN gradient (last param leaf) at steps debug_nonfinite_step .. +count-1; -1 = off.
       debug_nonfinite_step=-1, debug_nonfinite_count=1)
@@ -184,6 +185,8 @@ def validate(cfg: ml_collections.ConfigDict, vocab_size: int = 256) -> ModelConf
   _check(d.on_bad_file in ("skip", "error"), "data.on_bad_file", d.on_bad_file, "one of ('skip', 'error')")
   for f in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     _check(isinstance(t[f], int) and t[f] > 0, f"train.{f}", t[f], "a positive integer")
+  _check(isinstance(t.telemetry_every, int) and t.telemetry_every >= 0, "train.telemetry_every", t.telemetry_every,
+         "a non-negative integer (0 = off)")
   _check(isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps, "train.warmup_steps", t.warmup_steps,
          "a non-negative integer")
   for f in ("lr", "clip_norm", "eps"):

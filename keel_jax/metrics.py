@@ -35,6 +35,16 @@ def read_records(workdir: str) -> list[dict]:
   return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
+def add_profile(tb, tag: str, values_L: np.ndarray, step: int) -> None:
+  """A per-sub-layer vector as a TensorBoard histogram whose bucket i (x = i + 1) holds value i: the
+  histogram dashboard then draws the depth profile at each step (TensorBoard keeps no vector scalars).
+  Non-finite values are written as 0."""
+  v = np.where(np.isfinite(values_L), values_L, 0.0)
+  tb.add_histogram_raw(tag, min=0.0, max=float(len(v)), num=float(len(v)), sum=float(v.sum()),
+                       sum_squares=float(np.square(v).sum()), bucket_limits=np.arange(1.0, len(v) + 1).tolist(),
+                       bucket_counts=v.tolist(), global_step=step)
+
+
 class MetricsWriter:
   def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
@@ -64,6 +74,8 @@ class MetricsWriter:
       for k, v in values.items():
         if np.ndim(v) == 0 and isinstance(_plain(v), (int, float)) and not isinstance(v, bool):
           self._tb.add_scalar(f"{kind}/{k}", float(v), step)
+        elif np.ndim(v) == 1 and len(v) and np.issubdtype(np.asarray(v).dtype, np.floating):
+          add_profile(self._tb, f"{kind}/{k}", np.asarray(v, np.float64), step)
 
   def close(self) -> None:
     if self.enabled:

@@ -30,6 +30,7 @@ from keel_jax.train_step import create_state, make_eval_step, make_train_step
 
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: checkpoint saved, re-run to resume (EX_TEMPFAIL)
 EXIT_NONFINITE = 3  # halted on a non-finite loss or gradient; last good checkpoint kept
+TELEMETRY = ("sublayer_grad_norm", "update_param_ratio", "branch_ratio")  # the "telemetry" records' [L] fields
 
 
 class TrainingHalted(RuntimeError):
@@ -147,9 +148,10 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
         f.write(config_lib.to_json(cfg))
       os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))  # never torn
     debug_nonfinite = (cfg.train.get("debug_nonfinite_step", -1), cfg.train.get("debug_nonfinite_count", 1))
-    step_fn = jax.jit(make_train_step(model, tx, schedule, debug_nonfinite), donate_argnums=0,
-                      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_shardings, None))
+    step_fn, telemetry_fn = (
+        jax.jit(make_train_step(model, tx, schedule, debug_nonfinite, telemetry), donate_argnums=0,
+                in_shardings=(state_shardings, sharding.batch_sharding(mesh)), out_shardings=(state_shardings, None))
+        for telemetry in (False, True))  # the telemetry variant compiles at its first use
     eval_fn = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, sharding.batch_sharding(mesh)))
     loop = Loop(cfg, workdir, mesh, ckpt, MetricsWriter(workdir, is_main, resume_step=start), token_data,
                 leaf_names=[jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params)],
@@ -158,7 +160,7 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
       log(f"data: skipped files {dict(sorted(token_data.skipped.items()))} (data.on_bad_file={cfg.data.on_bad_file!r})")
       loop.writer.write(start, "event", {"event": "skipped_files", **token_data.skipped})
     try:
-      return loop.run(state, start, step_fn, eval_fn, train_iter, eval_set, stop_after)
+      return loop.run(state, start, step_fn, eval_fn, train_iter, eval_set, stop_after, telemetry_fn)
     finally:
       loop.close()
 
@@ -184,7 +186,7 @@ class Loop:
     self.last_time, self.last_step = time.perf_counter(), None
     self.tracing = False
 
-  def run(self, state, start, step_fn, eval_fn, train_iter, eval_set, stop_after=None) -> dict:
+  def run(self, state, start, step_fn, eval_fn, train_iter, eval_set, stop_after=None, telemetry_fn=None) -> dict:
     t, tokens_per_step = self.cfg.train, self.cfg.data.batch_size * self.cfg.data.seq_len
     bar = None  # a live bar on a terminal; elsewhere (logs, pipes, notebooks' captured output) plain lines
     if self.is_main and (sys.stderr.isatty() or os.environ.get("KEEL_PROGRESS") == "1"):
@@ -196,7 +198,8 @@ class Loop:
     for step in range(start, end):
       self.maybe_profile(step, start)
       batch = sharding.global_batch(next(train_iter), self.mesh)
-      state, metrics = step_fn(state, batch)
+      every = t.telemetry_every
+      state, metrics = (telemetry_fn if telemetry_fn and every and (step + 1) % every == 0 else step_fn)(state, batch)
       if pending is not None:
         self.handle_metrics(*pending, tokens_per_step, bar)
       pending = (step + 1, metrics)
@@ -245,6 +248,8 @@ class Loop:
       rec.update(tokens_per_sec=tps, skipped=int(m["skipped"]),  # non-finite updates skipped so far
                  sublayer_grad_norm=np.round(m["sublayer_grad_norm"], 6))
       self.writer.write(step, "train", rec)
+    if "branch_ratio" in m:  # per-sub-layer telemetry, [L] each (train.telemetry_every)
+      self.writer.write(step, "telemetry", {k: np.round(m[k], 8) for k in TELEMETRY})
       if bar is None and self.is_main:
         t0, step0 = self.run_start  # ETA from this run's average pace (includes compile and eval time)
         eta = (now - t0) / max(step - step0, 1) * (t.num_steps - step)

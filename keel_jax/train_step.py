@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from keel_jax import sharding
-from keel_jax.diagnostics import sublayer_norms
+from keel_jax.diagnostics import sublayer_branch_ratios, sublayer_norms
 from keel_jax.model import Decoder, init_params, lm_loss, strip_boxes
 
 
@@ -27,8 +27,13 @@ class TrainState:
 
 # ---- the step ------------------------------------------------------------------------------------
 
-def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule, debug_nonfinite=(-1, 1)):
+def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule, debug_nonfinite=(-1, 1),
+                    telemetry: bool = False):
   """(state, batch) -> (state, metrics). A non-finite loss or gradient leaves the state unchanged.
+
+  `telemetry=True` adds per-sub-layer `update_param_ratio` (||update_l|| / ||params_l|| before the
+  update) and `branch_ratio` (RMS(F_l) / RMS(alpha x_l), from one extra forward pass on the batch)
+  to the metrics, each [L]; the trainer runs this variant every train.telemetry_every steps.
 
   `debug_nonfinite=(k, n)` (train.debug_nonfinite_step/_count; tests only) makes the gradient of
   the last parameter leaf NaN at steps k .. k+n-1, to exercise the non-finite policies for real.
@@ -48,20 +53,25 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule, 
     # made donation save ~2% of the step's peak memory; docs/PERFORMANCE.md).
     def apply(params, opt_state):
       updates, opt_state = tx.update(grads, opt_state, params)
+      ratio = sublayer_norms(updates, model.cfg) / sublayer_norms(params, model.cfg) if telemetry else None
       params = optax.apply_updates(params, updates)
-      return params, opt_state, optax.tree.norm(updates), optax.tree.norm(params)
+      return params, opt_state, optax.tree.norm(updates), optax.tree.norm(params), ratio
 
     def skip(params, opt_state):  # norms NaN, as the discarded update's would be
       nan = jnp.full((), jnp.nan, jnp.float32)
-      return params, opt_state, nan, nan
+      return params, opt_state, nan, nan, jnp.full((model.cfg.num_sublayers,), jnp.nan) if telemetry else None
 
-    params, opt_state, update_norm, param_norm = jax.lax.cond(finite, apply, skip, state.params, state.opt_state)
+    params, opt_state, update_norm, param_norm, update_ratio = jax.lax.cond(
+        finite, apply, skip, state.params, state.opt_state)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
                "update_norm": update_norm, "param_norm": param_norm,
                "finite": finite, "leaf_finite": leaf_finite, "skipped": new_state.skipped,
                "sublayer_grad_norm": sublayer_norms(grads, model.cfg)}
+    if telemetry:
+      metrics["update_param_ratio"] = update_ratio
+      metrics["branch_ratio"] = sublayer_branch_ratios(model, state.params, batch["tokens"][:, :-1])
     return new_state, metrics
 
   return train_step
