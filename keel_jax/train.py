@@ -198,8 +198,8 @@ class Loop:
     for step in range(start, end):
       self.maybe_profile(step, start)
       batch = sharding.global_batch(next(train_iter), self.mesh)
-      every = t.telemetry_every
-      state, metrics = (telemetry_fn if telemetry_fn and every and (step + 1) % every == 0 else step_fn)(state, batch)
+      telemetry = telemetry_fn is not None and t.telemetry_every and (step + 1) % t.telemetry_every == 0
+      state, metrics = (telemetry_fn if telemetry else step_fn)(state, batch)
       if pending is not None:
         self.handle_metrics(*pending, tokens_per_step, bar)
       pending = (step + 1, metrics)
@@ -248,13 +248,13 @@ class Loop:
       rec.update(tokens_per_sec=tps, skipped=int(m["skipped"]),  # non-finite updates skipped so far
                  sublayer_grad_norm=np.round(m["sublayer_grad_norm"], 6))
       self.writer.write(step, "train", rec)
-    if "branch_ratio" in m:  # per-sub-layer telemetry, [L] each (train.telemetry_every)
-      self.writer.write(step, "telemetry", {k: np.round(m[k], 8) for k in TELEMETRY})
       if bar is None and self.is_main:
         t0, step0 = self.run_start  # ETA from this run's average pace (includes compile and eval time)
         eta = (now - t0) / max(step - step0, 1) * (t.num_steps - step)
         self.log(f"step {step}/{t.num_steps}: loss {loss:.4f} lr {float(m['lr']):.2e} "
                  f"grad_norm {float(m['grad_norm']):.3f} tok/s {tps:,.0f} eta {eta / 60:.1f} min")
+    if "branch_ratio" in m:  # per-sub-layer telemetry, [L] each (train.telemetry_every)
+      self.writer.write(step, "telemetry", {k: m[k] for k in TELEMETRY})
 
   def on_nonfinite(self, step, m) -> None:
     bad = "loss" if not math.isfinite(float(m["loss"])) else (

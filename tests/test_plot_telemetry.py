@@ -11,11 +11,12 @@ import numpy as np
 from keel_jax import config_lib
 from keel_jax.diagnostics import sublayer_branch_ratios
 from keel_jax.metrics import read_records
-from keel_jax.model import Decoder, layer_stack
+from keel_jax.model import Decoder, init_params, layer_stack
 from keel_jax.optimizer import lr_schedule, make_optimizer
 from keel_jax.plot_telemetry import plot, telemetry_arrays
 from keel_jax.train import TELEMETRY, train
-from keel_jax.train_step import make_train_step
+from keel_jax.sharding import strip_boxes
+from keel_jax.train_step import TrainState, make_train_step
 from test_train import tiny_config
 
 
@@ -41,8 +42,6 @@ def test_telemetry_step_matches_numpy_and_leaves_training_unchanged():
   cfg = tiny_config("block=keel,num_layers=3")
   model = Decoder(config_lib.validate(cfg, 257))
   tx, schedule = make_optimizer(cfg.train), lr_schedule(cfg.train)
-  from keel_jax.train_step import TrainState
-  from keel_jax.model import init_params, strip_boxes
   params = strip_boxes(init_params(model, jax.random.key(0)))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      skipped=jnp.zeros((), jnp.int32))

@@ -1,0 +1,61 @@
+"""The depth-frontier study: its helpers on hand-made inputs, and `--size smoke` end to end (grid,
+10,000-sub-layer config shrunk, published JSON and PNGs, a rerun reusing every finished run)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+
+import depth_frontier  # noqa: E402
+
+
+def test_unigram_entropy_of_known_distributions():
+  assert depth_frontier.unigram_entropy(np.arange(8).repeat(5)) == pytest.approx(math.log(8))
+  tokens = np.array([0] * 3 + [7] * 1)  # p = 3/4, 1/4; unused ids in between do not count
+  assert depth_frontier.unigram_entropy(tokens) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+
+
+def test_max_stable_lr_is_the_largest_lr_that_neither_diverged_nor_stagnated():
+  def run(lr, diverged=False, stagnated=False, seed=0):
+    return dict(block="keel", sublayers=256, seed=seed, lr=lr, diverged=diverged, stagnated=stagnated)
+  ok_then_bad = [run(1e-3), run(3e-3), run(1e-2, stagnated=True), run(3e-2, seed=1, diverged=True)]
+  assert depth_frontier.max_stable_lr(ok_then_bad, "keel", 256) == "0.003"
+  assert depth_frontier.max_stable_lr([run(1e-3), run(1e-2)], "keel", 256) == ">= 0.01"
+  assert depth_frontier.max_stable_lr([run(1e-3, diverged=True), run(1e-2, stagnated=True)], "keel", 256) == "< 0.001"
+  assert depth_frontier.max_stable_lr([run(1e-3)], "keel", 256) is None  # one LR: no verdict
+
+
+@pytest.mark.slow
+def test_smoke_size_writes_runs_deepest_and_plots_and_reuses_finished_runs(tmp_path):
+  out, pub = tmp_path / "out", tmp_path / "published"
+  cmd = [sys.executable, os.path.join(REPO, "experiments", "depth_frontier.py"), "--out", str(out),
+         "--size", "smoke", "--publish", str(pub)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  doc = json.load(open(pub / "depth_frontier.json"))
+  assert len(doc["runs"]) == 6  # keel, post_ln x 2 seeds at the main LR + one more LR each
+  for r in doc["runs"]:
+    for k in ("block", "sublayers", "seed", "lr", "steps", "final_train_loss", "best_eval_loss"):
+      assert k in r, k
+    assert math.isfinite(r["final_train_loss"]) and r["halted"] is None
+  d = doc["deepest"]
+  for k in ("block", "sublayers", "steps", "final_train_loss", "unigram_entropy", "step_s", "peak_rss_gib", "compile_s"):
+    assert k in d, k
+  assert d["block"] == "keel" and d["sublayers"] == 16 and d["steps_run"] == 8
+  assert 2.0 < d["unigram_entropy"] < math.log(257) and d["peak_rss_gib"] > 0.1 and d["compile_s"] > 0
+  for stem in ("loss_vs_depth", "curves", "grad_ratio", "loss_vs_lr", "deepest", "telemetry_keel_16"):
+    assert (pub / f"depth_frontier_{stem}.png").stat().st_size > 1000, stem
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  again = json.load(open(pub / "depth_frontier.json"))
+  assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in doc["runs"]]
+  assert again["deepest"]["seconds"] == d["seconds"]
