@@ -95,7 +95,12 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
                       f"dcn sizes multiplying to the {slices} TPU slices these devices span "
                       f"(product is {math.prod(dcn)}); usually mesh.dcn_data={slices}")
   if math.prod(dcn) == 1:
-    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    try:
+      return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:  # sizes that map onto the torus only by splitting a physical axis
+      from jax.experimental import mesh_utils  # (e.g. 8 x 8 on a 4x4x4 v4-128)
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
   granules = slices if slices > 1 else len({d.process_index for d in devices})
   if math.prod(dcn) != granules:
     raise ConfigError("mesh", {f: d for f, d in zip(DCN_FIELDS, dcn)},
