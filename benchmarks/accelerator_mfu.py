@@ -12,8 +12,9 @@ For each variant (remat policy x per-device batch) in order, while `--budget_s` 
 (ahead of time, with XLA's memory estimate; a variant that cannot fit is skipped, an OOM is recorded),
 2 warm-up steps, `--steps` timed steps; then tokens/s, model TFLOP/s and MFU = analytic model FLOPs
 (6 x weights + causal attention per token, remat recompute not counted) x tokens/s / peak, where peak
-is the device's dense bfloat16 peak from PEAKS. Then, if time remains, a breakdown of the best variant:
-forward only, forward + backward, full step (the optimiser's share is the difference).
+is the device's dense bfloat16 peak (keel_jax.tpu_slices for TPUs, else PEAKS). Then, if time
+remains, a breakdown of the best variant: forward only, forward + backward, full step (the
+optimiser's share is the difference).
 The JSON is also written to --out after every variant, so a run cut short still leaves numbers.
 """
 from __future__ import annotations
@@ -31,22 +32,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from keel_jax import tpu_slices
 from keel_jax.flops import matmul_flops_per_token
 from keel_jax.model import Decoder, init_params, lm_loss, strip_boxes
 from keel_jax.model_config import ModelConfig
 from keel_jax.optimizer import lr_schedule, make_optimizer
 
-# Dense (no sparsity) bfloat16 peak FLOP/s per chip, from the vendors' data sheets. Matched against
-# jax's device_kind by substring, first match wins (so the specific names come first).
+# Dense (no sparsity) bfloat16 peak FLOP/s per GPU (and TPU v3), from the vendors' data sheets. Matched against
+# jax's device_kind by substring, first match wins (so the specific names come first). TPU chips
+# come from keel_jax.tpu_slices, matched by their exact device_kind.
 PEAKS = (
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
     ("B200", 2250e12), ("GB200", 2500e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
-    ("A10", 125e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
+    ("A10", 125e12), ("TPU v3", 123e12),
 )
 
 
 def device_peak(kind: str) -> float | None:
+  tpu = tpu_slices.generation_of(kind)
+  if tpu is not None:
+    return tpu.peak_bf16_flops
   for name, peak in PEAKS:
     if name.lower() in kind.lower():
       return peak

@@ -324,6 +324,10 @@ def search(cfg, slc, train: StepReport, max_tries: int, log=lambda s: None) -> l
   return tried
 
 
+def fmt_bytes(n: float) -> str:
+  return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
+
+
 def describe(report: dict[str, Any]) -> str:
   """The human-readable summary."""
   hbm = report["hbm_bytes"]
@@ -332,33 +336,33 @@ def describe(report: dict[str, Any]) -> str:
            f"{report['seq_len']}"]
   for r in report["steps"].values():
     if r["oom"]:
-      need = f"{r['needed_bytes'] / GiB:.2f} GiB" if r["needed_bytes"] > 0 else "more than HBM"
-      lines.append(f"  {r['name']:<6} out of memory at compile ({r['compile_s']:.1f} s): needs {need}: {r['oom']}")
+      need = f"at least {fmt_bytes(r['needed_bytes'])}" if r["needed_bytes"] > 0 else "more than HBM"
+      lines.append(f"  {r['name']:<6} out of memory at compile ({r['compile_s']:.1f} s), needs {need}: {r['oom']}")
       continue
-    lines.append(f"  {r['name']:<6} compiled in {r['compile_s']:.1f} s; per chip: args {r['argument_bytes'] / GiB:.2f}"
-                 f" + out {r['output_bytes'] / GiB:.2f} - aliased {r['alias_bytes'] / GiB:.2f} + temp "
-                 f"{r['temp_bytes'] / GiB:.2f} = {r['per_chip_bytes'] / GiB:.2f} GiB of {hbm / GiB:.0f} GiB"
+    lines.append(f"  {r['name']:<6} compiled in {r['compile_s']:.1f} s; per chip: args {fmt_bytes(r['argument_bytes'])}"
+                 f" + out {fmt_bytes(r['output_bytes'])} - aliased {fmt_bytes(r['alias_bytes'])} + temp "
+                 f"{fmt_bytes(r['temp_bytes'])} = {fmt_bytes(r['per_chip_bytes'])} of {fmt_bytes(hbm)}"
                  + (f"; Mosaic kernels: {r['mosaic_calls']}" if r["name"] == "train" else ""))
   if "roofline" in report:
     rf = report["roofline"]
-    lines.append(f"  roofline: {rf['model_flops_per_chip'] / 1e12:.1f} TFLOP model / "
-                 f"{rf['executed_flops_per_chip'] / 1e12:.1f} TFLOP executed per chip per step; step >= "
-                 f"{rf['step_s_lower_bound']:.3f} s; MFU ceiling {rf['mfu_ceiling']:.1%} (communication not counted)")
+    lines.append(f"  roofline: {rf['model_flops_per_chip'] / 1e12:.3g} TFLOP model / "
+                 f"{rf['executed_flops_per_chip'] / 1e12:.3g} TFLOP executed per chip per step; step >= "
+                 f"{rf['step_s_lower_bound']:.3g} s; MFU ceiling {rf['mfu_ceiling']:.1%} (communication not counted)")
   if report["fits"]:
-    lines.append(f"fits: {report['per_chip_bytes'] / GiB:.2f} GiB per chip ({report['worst_step']} step) "
-                 f"of {hbm / GiB:.0f} GiB HBM")
+    lines.append(f"fits: {fmt_bytes(report['per_chip_bytes'])} per chip ({report['worst_step']} step) "
+                 f"of {fmt_bytes(hbm)} HBM")
   else:
     over = report.get("over_bytes")
     lines.append(f"does NOT fit: the {report['worst_step']} step needs "
-                 + (f"{report['per_chip_bytes'] / GiB:.2f} GiB per chip, {over / GiB:.2f} GiB more than "
-                    if over else "more than ") + f"the {hbm / GiB:.0f} GiB of HBM. What would help:")
+                 + (f"{fmt_bytes(report['per_chip_bytes'])} per chip or more, {fmt_bytes(over)} beyond "
+                    if over else "more than ") + f"the {fmt_bytes(hbm)} of HBM. What would help:")
     for s in report["suggestions"]:
       flags = " ".join(f"--config.{k}={v}" for k, v in s["overrides"].items())
       lines.append(f"  {flags}\n      {s['why']}")
     for t in report.get("search", []):
       flags = " ".join(f"--config.{k}={v}" for k, v in t["overrides"].items())
       result = t.get("error") or (f"{'fits' if t['fits'] else 'does not fit'}: "
-                                  f"{t['per_chip_bytes'] / GiB:.2f} GiB per chip"
+                                  f"{fmt_bytes(t['per_chip_bytes'])} per chip"
                                   + (f", MFU ceiling {t['mfu_ceiling']:.1%}" if t.get("mfu_ceiling") else ""))
       lines.append(f"  tried {flags}: {result}")
   return "\n".join(lines)

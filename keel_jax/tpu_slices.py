@@ -29,13 +29,14 @@ class Generation:
   dims: int  # torus dimensions: 3 (v4, v5p) or 2 (v5e, v6e)
   chip_config: str  # libtpu chip_config_name: 'megacore' runs a chip's two cores as one device
   max_chips: int  # the largest slice of one pod
+  device_kind: str  # what jax's Device.device_kind says for this chip
 
 
 GENERATIONS = {
-    "v4": Generation("v4", "v4", True, 32 * GiB, 275e12, 1228e9, 3, "megacore", 4096),
-    "v5p": Generation("v5p", "v5p", True, 95 * GiB, 459e12, 2765e9, 3, "megacore", 8960),
-    "v5e": Generation("v5e", "v5e", False, 16 * GiB, 197e12, 819e9, 2, "default", 256),
-    "v6e": Generation("v6e", "v6e", False, 32 * GiB, 918e12, 1640e9, 2, "default", 256),
+    "v4": Generation("v4", "v4", True, 32 * GiB, 275e12, 1228e9, 3, "megacore", 4096, "TPU v4"),
+    "v5p": Generation("v5p", "v5p", True, 95 * GiB, 459e12, 2765e9, 3, "megacore", 8960, "TPU v5"),
+    "v5e": Generation("v5e", "v5e", False, 16 * GiB, 197e12, 819e9, 2, "default", 256, "TPU v5 lite"),
+    "v6e": Generation("v6e", "v6e", False, 32 * GiB, 918e12, 1640e9, 2, "default", 256, "TPU v6 lite"),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 
@@ -68,6 +69,11 @@ class Slice:
     return topologies.get_topology_desc(platform="tpu", topology_name=self.topology,
                                         chips_per_host_bounds=self.chips_per_host_bounds,
                                         chip_config_name=self.gen.chip_config).devices
+
+
+def generation_of(device_kind: str) -> Generation | None:
+  """The generation of a jax device ('TPU v5' is a v5p chip, 'TPU v5 lite' a v5e), or None."""
+  return next((g for g in GENERATIONS.values() if g.device_kind == device_kind), None)
 
 
 class UnknownSlice(ValueError):

@@ -100,6 +100,7 @@ def test_cli_bad_input_exits_1_without_traceback(args, message):
 @pytest.mark.slow
 def test_tiny_pallas_config_compiles_for_tpu_slices_with_mosaic_kernels():
   seen = worker("compile", cli_env(**TPU_ENV))
+  assert seen.pop("v4-128 mesh") == {"data": 8, "fsdp": 8, "tensor": 1}
   assert sorted(seen) == sorted(f"{t} {m}" for t, m in COMPILE_CASES)
   for case, report in seen.items():
     assert report["fits"], case
@@ -134,3 +135,9 @@ def test_pallas_norms_in_shard_map_equal_xla_in_loss_and_gradients_on_8_cpu_devi
     np.testing.assert_allclose(pallas["loss"], xla["loss"], rtol=1e-6)
     for g_pallas, g_xla in zip(pallas["grads"], xla["grads"]):
       np.testing.assert_allclose(g_pallas, g_xla, rtol=1e-4, atol=1e-7)
+
+
+def test_tpu_generations_are_found_by_jax_device_kind():
+  assert tpu_slices.generation_of("TPU v5").name == "v5p"  # jax calls a v5p chip "TPU v5"
+  assert tpu_slices.generation_of("TPU v5 lite").name == "v5e"
+  assert tpu_slices.generation_of("NVIDIA H100 80GB HBM3") is None

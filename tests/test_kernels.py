@@ -185,6 +185,17 @@ def test_resolve_norm_impl():
   assert K.pallas_available("tpu")
 
 
+def test_lowering_follows_the_target_platform_and_interprets_only_for_cpu():
+  assert K._resolve_lowering(None, None, "tpu") == "tpu"
+  assert K._resolve_lowering(None, None, "gpu") == "mosaic_gpu"
+  assert K._resolve_lowering(None, None, "cpu") == "interpret"
+  assert K._resolve_lowering(True, None, "tpu") == "interpret"  # only when asked for
+  assert K.target_platform() == jax.default_backend()  # no mesh in context
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    assert K.target_platform() == mesh.devices.flat[0].platform
+
+
 def test_bad_shapes_are_rejected():
   x, f, alpha, g, _ = _inputs((4, 32))
   with pytest.raises(ValueError):
