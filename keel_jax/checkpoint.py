@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 
 import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from etils import epath
+
+from keel_jax import paths
 
 
 class CheckpointError(RuntimeError):
@@ -36,8 +36,8 @@ class CheckpointCorrupt(CheckpointError):
 class Checkpointer:
   """Keep-last-N checkpoints under `directory`; each holds {'state': TrainState, 'data': iterator}."""
 
-  def __init__(self, directory: str, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory, keep: int, async_save: bool = True):
+    self.directory = paths.path(directory)  # local or gs:// (Orbax writes both)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
@@ -66,7 +66,7 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    checked = os.path.isdir(os.path.join(self.directory, str(step), "integrity"))
+    checked = (self.directory / str(step) / "integrity").exists()
     if checked:  # absent only in checkpoints written before checksums existed
       items["integrity"] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -110,7 +110,7 @@ class Checkpointer:
     shapes fit or the metadata is unreadable (then the restore itself reports the damage)."""
     try:
       saved = _shapes(ocp.StandardCheckpointHandler().metadata(
-          epath.Path(os.path.join(self.directory, str(step), "state"))))
+          self.directory / str(step) / "state"))
     except Exception:  # noqa: BLE001 -- corrupt metadata: left to restore_latest's fallback
       return []
     wanted = _shapes(abstract_state)
@@ -121,11 +121,11 @@ class Checkpointer:
 
   def _quarantine(self, step: int) -> str:
     """Moves checkpoint `step` out of the managed directory (kept for inspection)."""
-    dest_dir = self.directory + "_corrupt"
-    dest = os.path.join(dest_dir, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+    dest_dir = self.directory.with_name(self.directory.name + "_corrupt")
+    dest = dest_dir / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
     if jax.process_index() == 0:
-      os.makedirs(dest_dir, exist_ok=True)
-      os.rename(os.path.join(self.directory, str(step)), dest)
+      paths.makedirs(dest_dir)
+      (self.directory / str(step)).rename(dest)
     ocp.multihost.sync_global_processes(f"keel_quarantine_{step}")
     self.manager.reload()
     return dest

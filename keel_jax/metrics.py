@@ -2,14 +2,24 @@
 
 Only process 0 writes. On resume from step s, records after s (written by the interrupted run past
 its last checkpoint) are dropped, so the file reads as if the run had never stopped.
+
+The workdir may be local or `gs://` (keel_jax/paths.py). Cloud Storage cannot append: there the
+records are kept in memory and the object is rewritten whole by `sync()` (the loop calls it with
+every checkpoint), by `close()`, and by `write` at most every SYNC_SECONDS. A run killed in between
+loses only records after its last checkpoint, which its resume drops anyway. TensorBoard events go
+to `workdir/tensorboard` through tensorboardX, which writes `gs://` itself (google-cloud-storage).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
+import time
 
 import numpy as np
+
+from keel_jax import paths
+
+SYNC_SECONDS = 60.0
 
 
 def _plain(v):
@@ -24,12 +34,11 @@ def _plain(v):
   return v
 
 
-def read_records(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+def read_records(workdir) -> list[dict]:
+  path = paths.path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    text = f.read()
+  text = path.read_text()
   # Each record is written as one line ending in '\n'; text after the last '\n' is a write torn by a
   # crash, and is dropped (the resumed run rewrites the file without it).
   return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
@@ -46,21 +55,20 @@ def add_profile(tb, tag: str, values_L: np.ndarray, step: int) -> None:
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
+  def __init__(self, workdir, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.path(workdir) / "metrics.jsonl"
     self._tb = None
     if not enabled:
       return
-    kept = [r for r in read_records(workdir) if r.get("step", 0) <= resume_step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, self.path)
-    self._file = open(self.path, "a")
+    kept = [json.dumps(r) + "\n" for r in read_records(workdir) if r.get("step", 0) <= resume_step]
+    paths.write_text(self.path, "".join(kept))
+    self._remote = paths.is_remote(self.path)
+    self._lines, self._synced = (kept, time.monotonic()) if self._remote else (None, None)
+    self._file = None if self._remote else open(self.path, "a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+      self._tb = SummaryWriter(str(paths.path(workdir) / "tensorboard"), purge_step=resume_step + 1)
     except ImportError:  # TensorBoard events are a convenience; the jsonl is the record
       self._tb = None
 
@@ -68,8 +76,13 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": int(step), "kind": kind, **{k: _plain(v) for k, v in values.items()}}
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    if self._remote:
+      self._lines.append(json.dumps(record) + "\n")
+      if time.monotonic() - self._synced > SYNC_SECONDS:
+        self.sync()
+    else:
+      self._file.write(json.dumps(record) + "\n")
+      self._file.flush()
     if self._tb is not None:
       for k, v in values.items():
         if np.ndim(v) == 0 and isinstance(_plain(v), (int, float)) and not isinstance(v, bool):
@@ -77,8 +90,18 @@ class MetricsWriter:
         elif np.ndim(v) == 1 and len(v) and np.issubdtype(np.asarray(v).dtype, np.floating):
           add_profile(self._tb, f"{kind}/{k}", np.asarray(v, np.float64), step)
 
+  def sync(self) -> None:
+    """Everything written so far is in the workdir (a no-op for a local one: each line is flushed)."""
+    if self.enabled and self._remote:
+      paths.write_text(self.path, "".join(self._lines))
+      self._synced = time.monotonic()
+      if self._tb is not None:
+        self._tb.flush()
+
   def close(self) -> None:
     if self.enabled:
-      self._file.close()
+      self.sync()
+      if self._file is not None:
+        self._file.close()
       if self._tb is not None:
         self._tb.close()

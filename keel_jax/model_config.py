@@ -16,6 +16,10 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 NORM_IMPLS = ("xla", "pallas", "auto")
 DTYPES = ("float32", "bfloat16")
 KEEL_FIRST_LAYER_RULES = ("v1", "v2")
+# Fields that choose how the model computes, not what its parameters are: a checkpoint may be resumed
+# or restored with other values (a run trained with Pallas norms on a TPU evaluates with XLA norms on
+# a laptop). scan_layers and scan_groups are not among them: they change the parameter tree's layout.
+NON_PARAMETER_FIELDS = ("norm_impl", "remat_policy", "dtype", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Sampling CLI: `python -m keel_jax.sample --workdir DIR --prompt "def main(" [--max_new_tokens 100]`.
 
-Loads the newest checkpoint (or `--step`) and the tokenizer from the workdir and prints the
+Loads the newest checkpoint (or `--step`) and the tokenizer from the workdir (local or gs://),
+onto this machine's devices (`--config.mesh.fsdp=N` etc. to shard; keel_jax/load.py), and prints the
 continuation of each prompt on stdout (several `--prompt`s run as one left-padded batch, each
 continuation printed after a `--- sample i ---` line). The continuation ends at the first eos (the
 end of the document) unless `--nostop_at_eos`. An empty prompt starts a new document (eos).
@@ -18,7 +19,7 @@ from absl import app, flags, logging
 
 from keel_jax import generate as gen
 from keel_jax.errors import EXIT_BAD_INPUT, ConfigError, DataError
-from keel_jax.load import RunError, load_run
+from keel_jax.load import RunError, define_override_flags, load_run, overrides_from_flags
 from keel_jax.tokenizer import can_encode
 
 DEFAULT_MAX_NEW = 200  # when --max_new_tokens is not given: this many, or what the context leaves
@@ -33,6 +34,7 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest)")
 _STOP = flags.DEFINE_bool("stop_at_eos", True, "Cut each continuation at the first eos token")
+define_override_flags()  # --config.mesh.*, --config.model.norm_impl=... (keel_jax/load.py)
 
 
 class BadInput(ValueError):
@@ -66,7 +68,7 @@ def main(argv) -> None:
     raise app.UsageError("--workdir is required")
   try:
     sampling = gen.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-    run = load_run(_WORKDIR.value, _STEP.value)
+    run = load_run(_WORKDIR.value, _STEP.value, overrides_from_flags())
     prompts = [encode_prompt(run.tokenizer, p) for p in _PROMPT.value]
     longest, context = max(len(p) for p in prompts), run.model_cfg.max_seq_len
     max_new = _MAX_NEW.value if _MAX_NEW.value is not None else min(DEFAULT_MAX_NEW, context - longest)
@@ -75,8 +77,9 @@ def main(argv) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 
-  out = gen.generate(run.model, run.params, prompts, max_new, sampling, seed=_SEED.value,
-                     vocab_limit=run.tokenizer.vocab_size)
+  with run.context():
+    out = gen.generate(run.model, run.params, prompts, max_new, sampling, seed=_SEED.value,
+                       vocab_limit=run.tokenizer.vocab_size)
   for i, tokens in enumerate(out.tokens_BxN):
     ids = gen.cut_at_eos(tokens, run.tokenizer.eos_id) if _STOP.value else [int(t) for t in tokens]
     if len(prompts) > 1:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from keel_jax import paths
 from keel_jax.errors import ConfigError, DataError
 
 EOS_TOKEN = '<|eos|>'
@@ -131,40 +131,32 @@ def train_bpe(texts_iter: Iterable[str], vocab_size: int) -> BPETokenizer:
   return BPETokenizer(tok)
 
 
-def _atomic_write(path: str, text: str) -> None:
-  """Write-then-rename, so a concurrent reader (another host) never sees half a file."""
-  tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def save_tokenizer(tok: Tokenizer, directory: str) -> None:
-  """Writes `directory/meta.json` (kind, vocab_size, eos_id) and, for BPE, `tokenizer.json`."""
-  os.makedirs(directory, exist_ok=True)
+def save_tokenizer(tok: Tokenizer, directory) -> None:
+  """Writes `directory/meta.json` (kind, vocab_size, eos_id) and, for BPE, `tokenizer.json`.
+  `directory` is local or gs://; each file is replaced whole (another host never reads half)."""
+  directory = paths.makedirs(directory)
   if isinstance(tok, BPETokenizer):
-    _atomic_write(os.path.join(directory, _HF_FILE), tok.hf_tokenizer.to_str())
+    paths.write_text(directory / _HF_FILE, tok.hf_tokenizer.to_str())
   meta = {'kind': tok.kind, 'vocab_size': tok.vocab_size, 'eos_id': tok.eos_id,
           'fingerprint': tok.fingerprint()}
-  _atomic_write(os.path.join(directory, _META), json.dumps(meta, indent=2) + '\n')
+  paths.write_text(directory / _META, json.dumps(meta, indent=2) + '\n')
 
 
-def load_tokenizer(directory: str) -> Tokenizer:
+def load_tokenizer(directory) -> Tokenizer:
   """Inverse of `save_tokenizer`. Raises DataError if the directory holds no tokenizer."""
-  meta_path = os.path.join(directory, _META)
-  hf_path = os.path.join(directory, _HF_FILE)
+  meta_path = paths.path(directory) / _META
+  hf_path = paths.path(directory) / _HF_FILE
   kind = None
-  if os.path.exists(meta_path):
-    with open(meta_path, encoding='utf-8') as f:
-      kind = json.load(f).get('kind')
-  elif os.path.exists(hf_path):
+  if meta_path.exists():
+    kind = json.loads(meta_path.read_text(encoding='utf-8')).get('kind')
+  elif hf_path.exists():
     kind = 'bpe'  # A bare tokenizer.json, e.g. copied by hand.
   if kind == 'byte':
     return ByteTokenizer()
   if kind == 'bpe':
     from tokenizers import Tokenizer as HFTokenizer
     try:
-      return BPETokenizer(HFTokenizer.from_file(hf_path))
+      return BPETokenizer(HFTokenizer.from_str(hf_path.read_text(encoding='utf-8')))
     except Exception as e:  # The Rust side raises a bare Exception for bad files.
       raise DataError(f'cannot read BPE tokenizer {hf_path}: {e}') from e
   raise DataError(f'no tokenizer in {directory!r} (expected {_META} or {_HF_FILE})')

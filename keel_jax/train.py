@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -20,15 +19,16 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from keel_jax import config_lib, data, sharding
+from keel_jax import config_lib, data, paths, sharding
 from keel_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
 from keel_jax.errors import EXIT_BAD_INPUT, ConfigError, DataError
 from keel_jax.metrics import MetricsWriter
 from keel_jax.model import Decoder, param_table
+from keel_jax.model_config import NON_PARAMETER_FIELDS
 from keel_jax.optimizer import lr_schedule, make_optimizer
+from keel_jax.preemption import Preemption
 from keel_jax.train_step import create_state, make_eval_step, make_train_step
 
-EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: checkpoint saved, re-run to resume (EX_TEMPFAIL)
 EXIT_NONFINITE = 3  # halted on a non-finite loss or gradient; last good checkpoint kept
 TELEMETRY = ("sublayer_grad_norm", "update_param_ratio", "branch_ratio")  # the "telemetry" records' [L] fields
 
@@ -62,25 +62,31 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
     jax.distributed.initialize()
 
 
-def check_resume_compatible(workdir: str, cfg, allow_change: bool) -> None:
-  """Refuses to resume a checkpoint written for another model shape (or tokenizer), showing both."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    old = json.load(f)
+def check_resume_compatible(workdir, cfg, allow_change: bool) -> list[str]:
+  """Refuses to resume a checkpoint written for another model (or tokenizer), showing both sides.
+
+  Fields in model_config.NON_PARAMETER_FIELDS may differ; returns lines naming those that do.
+  """
+  path = paths.path(workdir) / "config.json"
+  if not path.exists():
+    return []
+  old = json.loads(path.read_text())
   keys = ("model", "data.tokenizer", "data.bpe_vocab_size", "data.vocab_multiple")
   def pick(c):
     c = c if isinstance(c, dict) else c.to_dict()
     return {"model": c["model"], **{k: c["data"].get(k.split(".")[1]) for k in keys[1:]}}
   before, now = pick(old), pick(cfg)
-  if before != now and not allow_change:
-    diff = {k: (before["model"].get(k), now["model"].get(k)) for k in set(before["model"]) | set(now["model"])
-            if before["model"].get(k) != now["model"].get(k)}
-    diff.update({k: (before[k], now[k]) for k in keys[1:] if before[k] != now[k]})
-    lines = "\n".join(f"  {k}: checkpoint has {a!r}, config asks for {b!r}" for k, (a, b) in sorted(diff.items()))
-    raise ConfigError("workdir", workdir, "a workdir whose checkpoint matches the model config; it differs:\n"
-                      f"{lines}\nUse a new --workdir, or pass --allow_config_change to resume anyway.")
+  diff = {f"model.{k}": (before["model"].get(k), now["model"].get(k)) for k in set(before["model"]) | set(now["model"])
+          if before["model"].get(k) != now["model"].get(k)}
+  diff.update({k: (before[k], now[k]) for k in keys[1:] if before[k] != now[k]})
+  free = {k: v for k, v in diff.items() if k.split(".", 1)[1] in NON_PARAMETER_FIELDS and k.startswith("model.")}
+  describe = lambda d: [f"  {k}: checkpoint has {a!r}, config asks for {b!r}" for k, (a, b) in sorted(d.items())]
+  refused = {k: v for k, v in diff.items() if k not in free}
+  if refused and not allow_change:
+    raise ConfigError("workdir", str(workdir), "a workdir whose checkpoint matches the model config; it differs:\n"
+                      + "\n".join(describe(refused)) + "\nUse a new --workdir, or pass --allow_config_change "
+                      f"to resume anyway (fields that may change: model.{{{', '.join(NON_PARAMETER_FIELDS)}}}).")
+  return describe(free)
 
 
 def setup_compilation_cache(cache_dir: str) -> None:
@@ -89,17 +95,6 @@ def setup_compilation_cache(cache_dir: str) -> None:
   compiling them. Takes effect only before the process's first compilation."""
   if cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(cache_dir)))
-
-
-def install_preemption_handler() -> dict:
-  """SIGTERM/SIGINT set a flag; the loop finishes its step, saves, and exits EXIT_PREEMPTED.
-  Returns {'signal': None | signum, 'previous': handlers to put back when the loop ends}."""
-  flag = {"signal": None, "previous": {}}
-  def handler(signum, _frame):
-    flag["signal"] = signum
-  for s in (signal.SIGTERM, signal.SIGINT):
-    flag["previous"][s] = signal.signal(s, handler)
-  return flag
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -114,10 +109,11 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
   config_lib.validate(cfg)  # everything but the vocabulary size, before any data or compile work
   setup_compilation_cache(cfg.train.get("compilation_cache_dir", ""))
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    check_resume_compatible(workdir, cfg, allow_config_change)
+  workdir = paths.check_writable(workdir)  # local or gs://; a clear error before any data or compile work
+  ckpt = Checkpointer(workdir / "checkpoints", cfg.train.keep_checkpoints)
+  changed = check_resume_compatible(workdir, cfg, allow_config_change) if ckpt.latest_step() is not None else []
+  if changed and is_main:
+    log("resuming with fields that do not change the parameters set otherwise:\n" + "\n".join(changed))
 
   # data
   token_data, tokenizer = data.load_token_data(cfg.data, workdir)
@@ -144,9 +140,7 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
       if is_main:
         log(f"resumed from {ckpt.directory} at step {start}")
     if is_main:  # only once the state fits: a refused or failed resume must leave config.json as it was
-      with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-        f.write(config_lib.to_json(cfg))
-      os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))  # never torn
+      paths.write_text(workdir / "config.json", config_lib.to_json(cfg))  # never torn
     debug_nonfinite = (cfg.train.get("debug_nonfinite_step", -1), cfg.train.get("debug_nonfinite_count", 1))
     step_fn, telemetry_fn = (
         jax.jit(make_train_step(model, tx, schedule, debug_nonfinite, telemetry), donate_argnums=0,
@@ -169,7 +163,7 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
 class Loop:
   """The step loop: metrics are fetched one step late so the host never stalls the device."""
   cfg: Any
-  workdir: str
+  workdir: Any  # epath.Path (local or gs://)
   mesh: Any
   ckpt: Checkpointer
   writer: MetricsWriter
@@ -182,7 +176,7 @@ class Loop:
     self.consecutive_skips = 0
     self.loss_ema = None
     self.last_eval: dict = {}
-    self.preempt = install_preemption_handler()
+    self.preempt = Preemption()
     self.last_time, self.last_step = time.perf_counter(), None
     self.tracing = False
 
@@ -204,20 +198,22 @@ class Loop:
         self.handle_metrics(*pending, tokens_per_step, bar)
       pending = (step + 1, metrics)
       done = step + 1
-      boundary = (done % t.eval_every == 0 or done % t.checkpoint_every == 0 or done == end
-                  or self.preempt["signal"] is not None)
+      stop = self.preempt.should_stop(done)  # the same answer on every process
+      boundary = done % t.eval_every == 0 or done % t.checkpoint_every == 0 or done == end or stop
       if boundary:  # sync before saving: never checkpoint a step whose metrics are unchecked
         self.handle_metrics(*pending, tokens_per_step, bar)
         pending = None
       if done % t.eval_every == 0 or done == t.num_steps:
         self.evaluate(done, state.params, eval_fn, eval_set)
-      if done % t.checkpoint_every == 0 or done == end or self.preempt["signal"] is not None:
+      if done % t.checkpoint_every == 0 or done == end or stop:
         self.ckpt.save(done, state, train_iter)
-      if self.preempt["signal"] is not None:
+        self.writer.sync()  # the records up to a checkpoint are in the workdir with it
+      if stop:
         self.ckpt.wait()
-        self.log(f"stopped by signal {self.preempt['signal']} at step {done}: checkpoint saved, re-run to resume")
-        self.writer.write(done, "event", {"event": "preempted", "signal": int(self.preempt["signal"])})
-        raise SystemExit(EXIT_PREEMPTED)
+        why = f"signal {self.preempt.signal}" if self.preempt.signal else "a preemption notice to another process"
+        self.log(f"stopped by {why} at step {done}: checkpoint saved, re-run to resume")
+        self.writer.write(done, "event", {"event": "preempted", "signal": self.preempt.signal})
+        raise SystemExit(0)  # a requested shutdown that saved its work: not a failure
     if pending is not None:
       self.handle_metrics(*pending, tokens_per_step, bar)
     if bar is not None:
@@ -288,7 +284,7 @@ class Loop:
     in workdir/profile, for TensorBoard's profile plugin or Perfetto."""
     n = self.cfg.train.profile_steps
     if n and step == start + 2:
-      jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
+      jax.profiler.start_trace(str(self.workdir / "profile"))
       self.tracing = True
     if self.tracing and step == start + 2 + n:
       self.stop_profile()
@@ -297,12 +293,11 @@ class Loop:
     if self.tracing:  # also when the run ends (or stops) before the N steps are done
       jax.profiler.stop_trace()
       self.tracing = False
-      self.log(f"profile trace written to {os.path.join(self.workdir, 'profile')}")
+      self.log(f"profile trace written to {self.workdir / 'profile'}")
 
   def close(self) -> None:
     self.stop_profile()
-    for s, previous in self.preempt["previous"].items():
-      signal.signal(s, previous)
+    self.preempt.close()
     self.ckpt.close()
     self.writer.close()
 

@@ -202,12 +202,12 @@ def test_kill_9_anywhere_then_resume_matches_uninterrupted_run(straight, tmp_pat
 # ---- SIGTERM -------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_sigterm_saves_the_step_reached_exits_75_and_resumes(straight, tmp_path):
+def test_sigterm_saves_the_step_reached_exits_0_and_resumes(straight, tmp_path):
   work = tmp_path / "w"
   proc = start_train(work, tmp_path / "run.log", *RUN)
   assert wait_for(proc, lambda: last_logged_step(work) >= 5), open(tmp_path / "run.log").read()[-3000:]
   proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=120) == 75, open(tmp_path / "run.log").read()[-3000:]
+  assert proc.wait(timeout=120) == 0, open(tmp_path / "run.log").read()[-3000:]
   (ev,) = events(work, "preempted")
   reached = ev["step"]
   assert ev["signal"] == signal.SIGTERM and 5 <= reached < 20

@@ -14,6 +14,7 @@ import shutil
 
 from absl import logging
 
+from keel_jax import paths
 from keel_jax import tokenizer as tokenizer_lib
 from keel_jax.data import synthetic
 from keel_jax.data.packing import (FORMAT_VERSION, TokenData, check_lengths, open_prepared,
@@ -40,8 +41,8 @@ def _sync_workdir_tokenizer(tok, workdir: str | None) -> None:
   """Keeps `workdir/tokenizer` equal to the tokenizer in use, so eval/sampling find it."""
   if not workdir:
     return
-  directory = os.path.join(workdir, 'tokenizer')
-  if os.path.exists(os.path.join(directory, 'meta.json')):
+  directory = paths.path(workdir) / 'tokenizer'
+  if (directory / 'meta.json').exists():
     old = tokenizer_lib.load_tokenizer(directory)
     if old.fingerprint() != tok.fingerprint():
       raise DataError(f'{directory} holds another tokenizer ({old!r}) than this data ({tok!r}); '
@@ -53,8 +54,8 @@ def _sync_workdir_tokenizer(tok, workdir: str | None) -> None:
 def _get_tokenizer(cfg, train_files, workdir, tokenizer_dir):
   """tokenizer_dir, else the one saved in workdir (resume), else a new one (bpe: trained)."""
   directory = tokenizer_dir
-  if not directory and workdir and os.path.exists(os.path.join(workdir, 'tokenizer', 'meta.json')):
-    directory = os.path.join(workdir, 'tokenizer')
+  if not directory and workdir and (paths.path(workdir) / 'tokenizer' / 'meta.json').exists():
+    directory = paths.path(workdir) / 'tokenizer'
   if directory:
     tok = tokenizer_lib.load_tokenizer(directory)
     if tok.kind != cfg.tokenizer:
@@ -85,7 +86,8 @@ def load_token_data(data_cfg, workdir: str | None = None, tokenizer_dir: str | N
   """Reads `data_cfg.source`, builds or loads the tokenizer, returns (TokenData, tokenizer).
 
   The tokenizer used is saved in `workdir/tokenizer/` (if a workdir is given) and reloaded from
-  there on resume. BPE-tokenized streams are cached under `workdir/data_cache/`.
+  there on resume. BPE-tokenized streams are cached under `workdir/data_cache/` (for a gs://
+  workdir, in a local directory: keel_jax.paths.local_dir).
   """
   cfg = data_cfg
   _validate(cfg)
@@ -122,8 +124,8 @@ def load_token_data(data_cfg, workdir: str | None = None, tokenizer_dir: str | N
   _sync_workdir_tokenizer(tok, workdir)
 
   if tok.kind == 'bpe' and workdir:  # Slow (~1 MB/s/core): tokenize once, memmap afterwards.
-    cache = os.path.join(workdir, 'data_cache', _cache_key(tok, train_files, val_files,
-                                                           cfg.on_bad_file))
+    cache = os.path.join(paths.local_dir(workdir, 'data_cache'),
+                         _cache_key(tok, train_files, val_files, cfg.on_bad_file))
     if not os.path.exists(os.path.join(cache, 'meta.json')):
       tmp = f'{cache}.tmp.{os.getpid()}'
       try:

@@ -1,0 +1,111 @@
+"""One path type for everything a run reads or writes: local directories and `gs://` buckets.
+
+`path(p)` gives an `etils.epath.Path` (the type Orbax uses; gcsfs underneath for `gs://`): local
+paths are made absolute, so `gs://b/run` can never become a local directory named `gs:`.
+
+Cloud Storage has objects, not files: there are no directories to create, no appends and no cheap
+renames (gcsfs copies then deletes). So `write_text` replaces a local file by write-then-rename and a
+`gs://` object by one upload (Cloud Storage swaps an object whole: readers see the old or the new
+one, never half); `makedirs` is a no-op on `gs://`.
+
+Credentials for `gs://` are Google's application default credentials (`gcloud auth
+application-default login`, `GOOGLE_APPLICATION_CREDENTIALS=key.json`, or a VM's service account).
+Tests point every client at a local emulator: `STORAGE_EMULATOR_HOST` (gcsfs, google-cloud-storage)
+and `TENSORSTORE_GCS_HTTP_URL` (TensorStore, so Orbax).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+from etils import epath
+
+from keel_jax.errors import ConfigError
+
+if os.environ.get("STORAGE_EMULATOR_HOST"):
+  # gcsfs otherwise first tries its experimental gRPC client, which an emulator does not serve, and
+  # waits ~60 s before falling back to the JSON API. Read when gcsfs is imported.
+  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+CREDENTIALS_HELP = ("gs:// paths use Google application default credentials: run `gcloud auth "
+                    "application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service "
+                    "account key file, or run on a VM whose service account may write the bucket")
+
+
+def is_remote(p) -> bool:
+  return str(p).startswith("gs://")
+
+
+def path(p) -> epath.Path:
+  """`p` (str or path) as an epath.Path: `gs://...` as is, anything else absolute and user-expanded."""
+  text = os.fspath(p) if not isinstance(p, epath.Path) else str(p)
+  if is_remote(text):
+    try:
+      import gcsfs  # noqa: F401 -- epath needs it for gs://; say so before the first use fails obscurely
+    except ImportError:
+      raise ConfigError("path", text, "a local path, or install gcsfs for gs:// paths "
+                        "(pip install 'keel_jax[gcs]')") from None
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def makedirs(p) -> epath.Path:
+  """Creates the local directory `p` (and parents); nothing to create for `gs://` prefixes."""
+  p = path(p)
+  if not is_remote(p):
+    p.mkdir(parents=True, exist_ok=True)
+  return p
+
+
+def write_text(p, text: str) -> None:
+  """Replaces the file `p` whole: a reader (another host, a resumed run) sees the old text or the new,
+  never a torn one."""
+  p = path(p)
+  if is_remote(p):
+    p.write_text(text)  # one upload: Cloud Storage replaces an object atomically
+    return
+  tmp = p.with_name(f"{p.name}.tmp.{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, p)
+
+
+def check_writable(directory, what: str = "workdir") -> epath.Path:
+  """Creates `directory` if local and proves it writable with a probe file (written, then deleted).
+
+  Raises ConfigError naming the path: a bucket that does not exist, one this process may not write,
+  or missing credentials (with how to provide them). Call before any compile.
+  """
+  d = path(directory)
+  probe = d / f".keel_write_check.{uuid.uuid4().hex[:8]}"
+  try:
+    makedirs(d)
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # noqa: BLE001 -- gcsfs/google-auth raise many types; all mean "cannot write"
+    raise ConfigError(what, str(d), _write_failure(d, e)) from None
+  return d
+
+
+def _write_failure(d: epath.Path, e: BaseException) -> str:
+  text = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+  if not is_remote(d):
+    return f"a directory this process can write ({text})"
+  bucket = str(d)[len("gs://"):].split("/")[0]
+  auth_words = ("credential", "401", "403", "unauthorized", "forbidden", "permission", "anonymous",
+                "refresh", "token")
+  if isinstance(e, PermissionError) or any(w in text.lower() for w in auth_words):
+    return f"a gs:// location these credentials may write ({text}). {CREDENTIALS_HELP}"
+  if isinstance(e, FileNotFoundError):
+    return (f"a gs:// path in an existing bucket: bucket {bucket!r} was not found "
+            f"(create it with `gcloud storage buckets create gs://{bucket}`)")
+  return f"a gs:// path this process can write ({text}). {CREDENTIALS_HELP}"
+
+
+def local_dir(workdir, name: str) -> str:
+  """A local directory for `workdir`'s files that must be local (memory-mapped caches):
+  `workdir/name` itself for a local workdir; for gs://bucket/run,
+  `$KEEL_CACHE_DIR/bucket/run/name` (default ~/.cache/keel_jax)."""
+  if not is_remote(workdir):
+    return str(path(workdir) / name)
+  root = os.environ.get("KEEL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "keel_jax")
+  return os.path.join(root, str(workdir)[len("gs://"):].strip("/"), name)
