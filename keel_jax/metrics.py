@@ -6,13 +6,17 @@ its last checkpoint) are dropped, so the file reads as if the run had never stop
 The workdir may be local or `gs://` (keel_jax/paths.py). Cloud Storage cannot append: there the
 records are kept in memory and the object is rewritten whole by `sync()` (the loop calls it with
 every checkpoint), by `close()`, and by `write` at most every SYNC_SECONDS. A run killed in between
-loses only records after its last checkpoint, which its resume drops anyway. TensorBoard events go
-to `workdir/tensorboard` through tensorboardX, which writes `gs://` itself (google-cloud-storage).
+loses only records after its last checkpoint, which its resume drops anyway. TensorBoard event files
+are written locally (a temporary directory) and copied to `workdir/tensorboard` by the same syncs:
+tensorboardX's own gs:// writer re-uploads its whole file at every flush and again when collected.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -66,9 +70,11 @@ class MetricsWriter:
     self._remote = paths.is_remote(self.path)
     self._lines, self._synced = (kept, time.monotonic()) if self._remote else (None, None)
     self._file = None if self._remote else open(self.path, "a")
+    self._tb_dir = paths.path(workdir) / "tensorboard"
+    self._tb_local = tempfile.mkdtemp(prefix="keel_tensorboard_") if self._remote else str(self._tb_dir)
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(paths.path(workdir) / "tensorboard"), purge_step=resume_step + 1)
+      self._tb = SummaryWriter(self._tb_local, purge_step=resume_step + 1)
     except ImportError:  # TensorBoard events are a convenience; the jsonl is the record
       self._tb = None
 
@@ -97,11 +103,15 @@ class MetricsWriter:
       self._synced = time.monotonic()
       if self._tb is not None:
         self._tb.flush()
+        for name in os.listdir(self._tb_local):  # this run's event files (new names on each resume)
+          (self._tb_dir / name).write_bytes(paths.path(os.path.join(self._tb_local, name)).read_bytes())
 
   def close(self) -> None:
     if self.enabled:
+      if self._tb is not None:
+        self._tb.close()
       self.sync()
       if self._file is not None:
         self._file.close()
-      if self._tb is not None:
-        self._tb.close()
+      if self._remote:
+        shutil.rmtree(self._tb_local, ignore_errors=True)

@@ -210,7 +210,7 @@ class Loop:
         self.writer.sync()  # the records up to a checkpoint are in the workdir with it
       if stop:
         self.ckpt.wait()
-        why = f"signal {self.preempt.signal}" if self.preempt.signal else "a preemption notice to another process"
+        why = f"signal {self.preempt.signal}" if self.preempt.signal else "a preemption notice to one of the processes"
         self.log(f"stopped by {why} at step {done}: checkpoint saved, re-run to resume")
         self.writer.write(done, "event", {"event": "preempted", "signal": self.preempt.signal})
         raise SystemExit(0)  # a requested shutdown that saved its work: not a failure

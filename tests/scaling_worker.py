@@ -192,14 +192,21 @@ def main(out_path: str, root: str) -> None:
 def cli(flags: list[str]) -> None:
   """`python -m keel_jax.train FLAGS` unchanged, plus a last line 'PROCESS {json}' from every
   process: its index, the device count and the loss of each step as this process fetched it
-  (only process 0 writes metrics.jsonl, so this is how the test sees process 1)."""
+  (only process 0 writes metrics.jsonl, so this is how the test sees process 1).
+  KEEL_TEST_STEP_SECONDS=s (env) makes each step take at least s seconds, so a test can signal a
+  run in the middle."""
+  import time
+
   import jax
   from absl import app
   from keel_jax import train as train_cli
   fetched = {}
   handle_metrics = train_cli.Loop.handle_metrics
 
+  pause = float(os.environ.get("KEEL_TEST_STEP_SECONDS", "0"))
+
   def record(self, step, metrics, *rest):
+    time.sleep(pause)
     fetched[step] = float(jax.device_get(metrics["loss"]))
     return handle_metrics(self, step, metrics, *rest)
 

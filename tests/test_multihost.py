@@ -1,11 +1,14 @@
 """Two real processes joined by jax.distributed (CPU backend, localhost coordinator), each with two
 fake devices, run the training CLI: one run on a 4-device mesh spanning both, then a resume on
-another mesh. Both processes see the one-process losses; only process 0 writes or logs.
-(Layouts that no two processes can feed are tested on fake devices in test_sharding.py.)"""
+another mesh. Both processes see the one-process losses; only process 0 writes or logs. A SIGTERM
+to one process stops both at one agreed step. (Layouts that no two processes can feed are tested
+on fake devices in test_sharding.py.)"""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -21,19 +24,30 @@ RTOL = 2e-5  # as in test_sharding.py
 def run_two_processes(workdir, logs, *flags: str, via: str = "flags", timeout: int = 300) -> list[dict]:
   """Both processes of `scaling_worker.py cli` (the train CLI); [{'rc', 'stdout', 'stderr',
   'report'}] per process. `via`: 'flags' (--coordinator_address ...) or 'env' (JAX_* variables)."""
+  return collect(*start_two_processes(workdir, logs, *flags, via=via), timeout=timeout)
+
+
+def start_two_processes(workdir, logs, *flags: str, via: str = "flags", **env_extra):
+  """(processes, their (stdout, stderr) files), started; `env_extra` goes into both environments."""
   address = f"localhost:{free_port()}"
   procs, files = [], []
   for i in range(2):
     if via == "flags":
-      env, extra = fake_devices_env(2), [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"]
+      env, extra = fake_devices_env(2, **env_extra), [f"--coordinator_address={address}", "--num_processes=2",
+                                                      f"--process_id={i}"]
     else:
       env, extra = fake_devices_env(2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
-                                    JAX_PROCESS_ID=str(i)), []
+                                    JAX_PROCESS_ID=str(i), **env_extra), []
     out, err = open(logs / f"p{i}.out", "w+"), open(logs / f"p{i}.err", "w+")
     files.append((out, err))
     procs.append(subprocess.Popen(
         [sys.executable, os.path.join(REPO, "tests", "scaling_worker.py"), "cli", "--config", CONFIG,
          "--workdir", str(workdir), *flags, *extra], cwd=REPO, env=env, stdout=out, stderr=err))
+  return procs, files
+
+
+def collect(procs, files, timeout: int = 300) -> list[dict]:
+  """Waits for both processes (ending the other if one fails); their exit codes and output."""
   try:
     for p in procs:
       p.wait(timeout=timeout)
@@ -93,3 +107,34 @@ def test_two_processes_train_resume_on_another_mesh_and_agree(tmp_path):
   assert [r["step"] for r in read_records(str(workdir)) if r["kind"] == "train"] == sorted(ref)
   np.testing.assert_allclose([written[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=RTOL)
 
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_with_one_checkpoint_then_resumes(tmp_path):
+  ref, workdir = reference_losses(), tmp_path / "run"
+  (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+  # A run set for 40 steps, each >= 0.5 s (KEEL_TEST_STEP_SECONDS) so the signal lands mid-run; only
+  # process 1 gets it. The learning rate is flat after warm-up: its steps equal the 6-step reference's.
+  procs, files = start_two_processes(workdir, tmp_path / "a", "--config.train.num_steps=40",
+                                     KEEL_TEST_STEP_SECONDS="0.5")
+  deadline = time.time() + 240
+  while time.time() < deadline and not any(r["kind"] == "train" for r in read_records(str(workdir))):
+    if any(p.poll() is not None for p in procs):
+      break
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  stopped = collect(procs, files, timeout=120)
+  ok(stopped)  # both exit 0: a requested stop that saved its work
+  a, b = (r["report"]["losses"] for r in stopped)
+  reached = max(map(int, a))
+  assert a == b and sorted(map(int, a)) == list(range(1, reached + 1)) and reached < len(ref)
+  assert os.listdir(workdir / "checkpoints") == [str(reached)]  # one checkpoint, of the agreed step
+  for r in stopped:
+    assert f"stopped by a preemption notice to one of the processes at step {reached}" in r["stdout"]
+  assert [r["step"] for r in read_records(str(workdir)) if r["kind"] == "event" and r["event"] == "preempted"] == [reached]
+
+  resumed = run_two_processes(workdir, tmp_path / "b")
+  ok(resumed)
+  assert f"at step {reached}" in resumed[0]["stdout"]
+  written = train_losses(workdir)
+  assert sorted(written) == sorted(ref)
+  np.testing.assert_allclose([written[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=RTOL)
