@@ -20,7 +20,7 @@ import uuid
 
 from etils import epath
 
-from keel_jax.errors import ConfigError
+from keel_jax.errors import ConfigError, DataError
 
 if os.environ.get("STORAGE_EMULATOR_HOST"):
   # gcsfs otherwise first tries its experimental gRPC client, which an emulator does not serve, and
@@ -109,3 +109,47 @@ def local_dir(workdir, name: str) -> str:
     return str(path(workdir) / name)
   root = os.environ.get("KEEL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "keel_jax")
   return os.path.join(root, str(workdir)[len("gs://"):].strip("/"), name)
+
+
+def _files_below(d: epath.Path) -> list[epath.Path]:
+  out = []
+  for p in d.iterdir():
+    out.extend(_files_below(p) if p.is_dir() else [p])
+  return out
+
+
+def local_copy(directory, log=print) -> str:
+  """A local directory with the files of `directory`: `directory` itself if local; for gs://, a copy
+  under local_dir(directory, 'copy') (files already there with the same size are not fetched
+  again). Memory-mapped data (prepared token files) must be local."""
+  if not is_remote(directory):
+    return str(path(directory))
+  src, dest = path(directory), local_dir(directory, "copy")
+  if not (src / "meta.json").exists():  # written last by keel_jax.prepare: marks a complete directory
+    raise DataError(f"{src} is not a complete prepared data directory (no meta.json); "
+                    "write one with `python -m keel_jax.prepare --out DIR`")
+  for f in sorted(_files_below(src), key=lambda f: f.name == "meta.json"):
+    target = os.path.join(dest, str(f)[len(str(src)):].lstrip("/"))
+    if os.path.exists(target) and os.path.getsize(target) == f.stat().length:
+      continue
+    log(f"copying {f} to {target}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.tmp.{os.getpid()}"
+    with f.open("rb") as fin, open(tmp, "wb") as fout:
+      while chunk := fin.read(64 << 20):
+        fout.write(chunk)
+    os.replace(tmp, target)
+  return dest
+
+
+def upload_dir(local: str, dest, last: str | None = None) -> None:
+  """Copies every file below the local directory `local` to `dest` (local or gs://); the file at
+  relative path `last` goes after all others (a completion marker)."""
+  dest = path(dest)
+  names = sorted(os.path.relpath(os.path.join(root, n), local) for root, _, files in os.walk(local) for n in files)
+  for name in sorted(names, key=lambda n: n == last):
+    target = dest / name
+    makedirs(target.parent)
+    with open(os.path.join(local, name), "rb") as fin, target.open("wb") as fout:
+      while chunk := fin.read(64 << 20):
+        fout.write(chunk)

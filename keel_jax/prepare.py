@@ -4,7 +4,9 @@
       [--tokenizer bpe --bpe_vocab_size 8192] [--val_fraction 0.01]
 
 Writes DIR/train.bin, DIR/val.bin (raw little-endian uint16/uint32 tokens), DIR/meta.json and
-DIR/tokenizer/. Files are streamed one at a time: memory stays bounded for any corpus size.
+DIR/tokenizer/. Files are streamed one at a time: memory stays bounded for any corpus size. DIR may be
+gs://bucket/path: written in a local temporary directory, then uploaded (training hosts copy it
+back to a local cache, keel_jax.paths.local_copy).
 Train with `--config.data.source=prepared --config.data.prepared_dir=DIR`.
 """
 
@@ -12,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 
 import tqdm
 
 from keel_jax import data as data_lib
+from keel_jax import paths
 from keel_jax import tokenizer as tokenizer_lib
 from keel_jax.errors import ConfigError, DataError
 
@@ -50,11 +55,16 @@ def prepare(args) -> dict:
     tok = tokenizer_lib.train_bpe(texts, args.bpe_vocab_size)
   else:
     tok = tokenizer_lib.ByteTokenizer()
-  meta = data_lib.write_prepared(train_files, val_files, tok, args.out, args.on_bad_file,
-                                 progress=True)
-  if meta['num_files_train'] + meta['num_files_val'] == 0:
-    raise DataError(f'empty corpus: every one of the {len(files)} files was skipped '
-                    f'({meta["skipped"]})')
+  out = paths.check_writable(args.out, 'out')  # a bad bucket or missing credentials: before any work
+  with tempfile.TemporaryDirectory(prefix='keel_prepare_') as tmp:
+    local = str(out) if not paths.is_remote(out) else os.path.join(tmp, 'prepared')
+    meta = data_lib.write_prepared(train_files, val_files, tok, local, args.on_bad_file,
+                                   progress=True)
+    if meta['num_files_train'] + meta['num_files_val'] == 0:
+      raise DataError(f'empty corpus: every one of the {len(files)} files was skipped '
+                      f'({meta["skipped"]})')
+    if paths.is_remote(out):  # written locally, then uploaded; meta.json last marks it complete
+      paths.upload_dir(local, out, last='meta.json')
   return meta
 
 

@@ -126,3 +126,20 @@ def test_write_failures_name_the_path_and_how_to_provide_credentials():
   assert "GOOGLE_APPLICATION_CREDENTIALS" in denied and "gcloud auth application-default login" in denied
   with pytest.raises(ConfigError, match="/proc/keel_cannot_write"):
     paths.check_writable("/proc/keel_cannot_write")
+
+
+def test_prepared_data_in_a_bucket_trains_like_a_local_copy(gcs, tmp_path):
+  from keel_jax import data, prepare
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i in range(6):
+    (corpus / f"{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps. " * (40 + i))
+  args = ["--source", "files", "--paths", str(corpus), "--val_fraction", "0.3"]
+  prepare.prepare(prepare._parse([*args, "--out", str(tmp_path / "prepared")]))
+  prepare.prepare(prepare._parse([*args, "--out", f"gs://{BUCKET}/prepared"]))
+  assert fresh_fs().exists(f"{BUCKET}/prepared/meta.json") and fresh_fs().exists(f"{BUCKET}/prepared/tokenizer/meta.json")
+  def load(prepared_dir):
+    return data.load_token_data(tiny_config(f"source=prepared,seq_len=16,batch_size=2,prepared_dir={prepared_dir}").data)[0]
+  here, there = load(tmp_path / "prepared"), load(f"gs://{BUCKET}/prepared")
+  assert list(there.train) == list(here.train) and list(there.val) == list(here.val)
+  assert no_local_gs_directory()

@@ -97,8 +97,9 @@ def load_token_data(data_cfg, workdir: str | None = None, tokenizer_dir: str | N
   if cfg.source == 'prepared':
     if not cfg.prepared_dir:
       raise ConfigError('data.prepared_dir', cfg.prepared_dir, 'a directory written by prepare')
-    data = open_prepared(cfg.prepared_dir, cfg.seq_len, cfg.batch_size, check_val=check_val)
-    prepared_tok = tokenizer_lib.load_tokenizer(os.path.join(cfg.prepared_dir, 'tokenizer'))
+    local = paths.local_copy(cfg.prepared_dir, log=logging.warning)  # gs://: copied once per host
+    data = open_prepared(local, cfg.seq_len, cfg.batch_size, check_val=check_val)
+    prepared_tok = tokenizer_lib.load_tokenizer(os.path.join(local, 'tokenizer'))
     tok = tokenizer_lib.load_tokenizer(tokenizer_dir) if tokenizer_dir else prepared_tok
     if tok.fingerprint() != prepared_tok.fingerprint():
       raise DataError(f'tokenizer in {tokenizer_dir} is not the one {cfg.prepared_dir} was '
