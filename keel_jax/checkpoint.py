@@ -124,8 +124,7 @@ class Checkpointer:
     dest_dir = self.directory.with_name(self.directory.name + "_corrupt")
     dest = dest_dir / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
     if jax.process_index() == 0:
-      paths.makedirs(dest_dir)
-      (self.directory / str(step)).rename(dest)
+      paths.move_dir(self.directory / str(step), dest)
     ocp.multihost.sync_global_processes(f"keel_quarantine_{step}")
     self.manager.reload()
     return dest

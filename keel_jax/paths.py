@@ -69,6 +69,19 @@ def write_text(p, text: str) -> None:
   os.replace(tmp, p)
 
 
+def move_dir(src, dest) -> None:
+  """Moves the directory `src` to `dest` (whose parent is created). Local: one rename. gs://: each
+  object copied, then the originals deleted (Cloud Storage has no directory rename)."""
+  src, dest = path(src), path(dest)
+  if not is_remote(src):
+    makedirs(dest.parent)
+    os.rename(src, dest)
+    return
+  for f in _files_below(src):
+    (dest / str(f)[len(str(src)):].lstrip("/")).write_bytes(f.read_bytes())
+  src.rmtree()
+
+
 def check_writable(directory, what: str = "workdir") -> epath.Path:
   """Creates `directory` if local and proves it writable with a probe file (written, then deleted).
 
