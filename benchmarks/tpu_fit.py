@@ -132,7 +132,6 @@ def table(path: str) -> str:
     block, sublayers = row.split("/")
     slc = tpu_slices.parse(topology)
     best = e["tried"].get(e.get("best", ""), {})
-    shipped = e["tried"].get("shipped", {})
     fits_256 = bool(best) and best["batch_size"] == PAPER_BATCH
     if best:
       remat = best["remat"] + (f", scan_groups {best['scan_groups']}" if best["scan_groups"] else "")
@@ -142,11 +141,41 @@ def table(path: str) -> str:
       lines.append(f"| {block} | {sublayers} | {topology} | {slc.chips} | {'yes' if fits_256 else 'no'} | {variant} | "
                    f"{mesh} | {remat} | {mem} | {best['compile_s']:.0f} | {best['mfu_ceiling']:.0%} |")
     else:
-      need = shipped.get("per_chip_bytes") or 0
+      needs = [t["per_chip_bytes"] for t in e["tried"].values() if (t.get("per_chip_bytes") or 0) > 0]
+      least = f"{min(needs) / GiB:.1f} (least tried)" if needs else "?"
       lines.append(f"| {block} | {sublayers} | {topology} | {slc.chips} | no | none of {len(e['tried'])} tried"
                    f"{' (not finished)' if not e.get('done') else ''} | | | "
-                   f"{need / GiB:.0f}+ / {slc.gen.hbm_bytes / GiB:.0f} | | |")
+                   f"{least} / {slc.gen.hbm_bytes / GiB:.0f} | | |")
+  commits = sorted({t["commit"] for e in results["entries"].values() for t in e["tried"].values()})
+  lines += ["", f"Measured at commit {', '.join(commits)}, train step, `model.norm_impl=pallas`. "
+            + smallest_slice(results)]
   return "\n".join(lines)
+
+
+def config_arg(overrides: dict) -> str:
+  """The `:arg` of configs/paper_keel_512.py that applies `overrides`."""
+  return ",".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def smallest_slice(results: dict) -> str:
+  """Which measured slice with the fewest chips trains the paper config at its batch, and how."""
+  fits = []
+  for key, e in results["entries"].items():
+    best = e["tried"].get(e.get("best", ""), {})
+    if best and best["batch_size"] == PAPER_BATCH:
+      row, topology = key.split()
+      fits.append((tpu_slices.parse(topology).chips, topology, row, best["overrides"]))
+  if not fits:
+    return "No measured slice trains the paper config at batch 256."
+  out = []
+  for row in sorted({f[2] for f in fits}):
+    chips, topology, _, overrides = min(f for f in fits if f[2] == row)
+    block, sublayers = row.split("/")
+    arg = config_arg({"block": block, **({"num_layers": int(sublayers) // 2} if sublayers != "512" else {}),
+                      **overrides})
+    out.append(f"{block} {sublayers}: {topology} ({chips} chips), "
+               f"`--config configs/paper_keel_512.py:{arg}`")
+  return "Smallest measured slice that trains it at batch 256: " + "; ".join(out) + "."
 
 
 def main():

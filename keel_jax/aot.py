@@ -162,7 +162,7 @@ def compile_steps(cfg, slc, steps=STEPS, log=lambda s: None) -> list[StepReport]
   sharding.check_batch(cfg.data.batch_size, mesh)
   model = Decoder(model_cfg)
   tx, schedule = make_optimizer(cfg.train), lr_schedule(cfg.train)
-  rng = jax.random.key(cfg.train.seed)  # made here, outside the mesh of devices this host cannot hold
+  rng = jax.eval_shape(jax.random.key, cfg.train.seed)  # abstract: nothing concrete on the slice's devices
 
   def abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)

@@ -82,7 +82,10 @@ def make_eval_step(model: Decoder):
 
 
 def create_state(model, tx, mesh, rng):
-  """The train state, created directly sharded: abstract shapes, then a jitted init with out_shardings."""
+  """The train state, created directly sharded: abstract shapes, then a jitted init with out_shardings.
+
+  Makes no concrete array (`rng` may be a ShapeDtypeStruct), so it also works under `jax.set_mesh`
+  of devices this host cannot hold arrays on (keel_jax.aot)."""
   abstract_boxed = jax.eval_shape(lambda r: init_params(model, r), rng)
   sharding.check_divisible(abstract_boxed, mesh)
   p_shard = sharding.param_shardings(abstract_boxed, mesh)

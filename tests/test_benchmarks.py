@@ -89,3 +89,24 @@ def test_train_compilation_cache_dir_fills_the_persistent_cache(tmp_path):
   run_train(tmp_path / "run", "--config.train.num_steps=2", "--config.train.eval_every=2",
             "--config.train.checkpoint_every=2", f"--config.train.compilation_cache_dir={cache}", env=env)
   assert cache.is_dir() and len(list(cache.iterdir())) > 0
+
+
+def test_tpu_fit_tries_variants_by_mfu_ceiling_and_tabulates_the_json(tmp_path):
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import tpu_fit
+  names = [n for n, _ in tpu_fit.variants(64, 512)]
+  assert names[:4] == ["shipped", "fsdp_all", "fsdp_all+full", "fsdp_all+full+nested"]
+  assert names[4:] == ["fsdp_all+full+nested+batch128", "fsdp_all+full+nested+batch64"]  # >= 1 row per chip
+  assert "fsdp_all" not in [n for n, _ in tpu_fit.variants(8, 512)]  # the shipped mesh on 8 chips
+  fit = {"fits": True, "per_chip_bytes": 70 * 2 ** 30, "batch_size": 256, "mesh": {"data": 16, "fsdp": 8},
+         "remat": "save_dots_no_batch", "scan_groups": 0, "compile_s": 100.0, "mfu_ceiling": 0.7,
+         "overrides": {}, "commit": "abc1234"}
+  oom = {"fits": False, "per_chip_bytes": 200 * 2 ** 30, "overrides": {}, "commit": "abc1234"}
+  path = tmp_path / "fit.json"
+  path.write_text(json.dumps({"entries": {
+      "keel/512 v5p-256": {"tried": {"shipped": fit}, "best": "shipped", "done": True},
+      "keel/512 v5p-16": {"tried": {"shipped": oom}, "done": True}}}))
+  table = tpu_fit.table(str(path))
+  assert "| keel | 512 | v5p-256 | 128 | yes | shipped | 16 x 8 | save_dots_no_batch | 70.0 / 95 | 100 | 70% |" in table
+  assert "| keel | 512 | v5p-16 | 8 | no | none of 1 tried | | | 200.0 (least tried) / 95 | | |" in table
+  assert "keel 512: v5p-256 (128 chips), `--config configs/paper_keel_512.py:block=keel`" in table
