@@ -37,7 +37,6 @@ batch of 3 on 8 devices) are replicated instead: every device then normalises th
 from __future__ import annotations
 
 import functools
-
 import math
 
 import jax
