@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from keel_jax import attention_impls
 from keel_jax.model_config import ModelConfig
 
 
@@ -65,7 +66,7 @@ class Attention(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segments_BxT=None) -> jax.Array:
     c, dt = self.cfg, self.cfg.compute_dtype
     H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
     B, T, _ = x_BxTxD.shape
@@ -92,17 +93,17 @@ class Attention(nn.Module):
       # Slots are not positions: a left-padded row's tokens sit at later slots than their positions.
       k_BxSxKxDh, v_BxSxKxDh, k_pos_BxS = ck.value, cv.value, cpos.value
 
-    G = H // K
-    q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh)
-    logits_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxSxKxDh,
-                                  preferred_element_type=jnp.float32) / jnp.sqrt(Dh).astype(jnp.float32)
-    visible_BxTxS = (k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]) & (k_pos_BxS[:, None, :] >= 0)
-    causal_Bx1x1xTxS = visible_BxTxS[:, None, None]
-    logits_BxKxGxTxS = jnp.where(causal_Bx1x1xTxS, logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
-    self.sow("intermediates", "attention_probs", probs)  # only kept when the caller asks (notebooks)
-    out_BxTxKxGxDh = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh.astype(dt))
-    out_BxTxHxDh = out_BxTxKxGxDh.reshape(B, T, H, Dh)
+    sow = lambda probs: self.sow("intermediates", "attention_probs", probs)  # kept only when asked (notebooks)
+    impl = c.attention_impl if c.attention_impl != "auto" else attention_impls.resolve(
+        "auto", attention_impls.target_platform(), T)
+    if self.is_initializing():  # init runs a short dummy sequence; the parameters do not depend on impl
+      impl = "xla"
+    if self.decode:
+      out_BxTxHxDh = attention_impls.attend_cached(impl, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_pos_BxT,
+                                                   k_pos_BxS, sow)
+    else:
+      out_BxTxHxDh = attention_impls.attend(impl, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, positions_BxT,
+                                            segments_BxT, sow)
     return dense(c.d_model, ("heads", "kv", "embed"), c.init_std * self.vo_init_scale, dt, "o",
                  in_axis=(-2, -1))(out_BxTxHxDh)
 

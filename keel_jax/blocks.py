@@ -78,8 +78,9 @@ class SubLayer(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, consts, positions_BxT):
-    """consts: scalars {'alpha', 'pre', 'post', 'keep'} for this sub-layer (traced, from the scan)."""
+  def __call__(self, x_BxTxD, consts, positions_BxT, segments_BxT=None):
+    """consts: scalars {'alpha', 'pre', 'post', 'keep'} for this sub-layer (traced, from the scan);
+    segments_BxT: document ids of packed rows (attention stays within a document), or None."""
     c = self.cfg
     norm = lambda name: RMSNorm(c.norm_eps, c.norm_impl, name=name)
     # Which norms exist is structural (same for every layer); whether they apply is data.
@@ -95,7 +96,7 @@ class SubLayer(nn.Module):
     h = h.astype(c.compute_dtype)
     beta = deepnorm_alpha_beta(c.num_layers)[1] if c.block == "deepnorm" else 1.0
     if self.kind == "attn":
-      f_BxTxD = Attention(c, vo_init_scale=beta, decode=self.decode, name="attn")(h, positions_BxT)
+      f_BxTxD = Attention(c, vo_init_scale=beta, decode=self.decode, name="attn")(h, positions_BxT, segments_BxT)
     else:
       f_BxTxD = SwiGLU(c, init_scale=beta, name="mlp")(h)
 
@@ -117,9 +118,9 @@ class Block(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, consts_2, positions_BxT):
+  def __call__(self, x_BxTxD, consts_2, positions_BxT, segments_BxT=None):
     """consts_2: dict of [2] arrays (attn, ffn) for this block."""
     pick = lambda i: jax.tree.map(lambda a: a[i], consts_2)
-    x_BxTxD = SubLayer(self.cfg, "attn", self.decode, name="attn")(x_BxTxD, pick(0), positions_BxT)
-    x_BxTxD = SubLayer(self.cfg, "ffn", self.decode, name="ffn")(x_BxTxD, pick(1), positions_BxT)
+    x_BxTxD = SubLayer(self.cfg, "attn", self.decode, name="attn")(x_BxTxD, pick(0), positions_BxT, segments_BxT)
+    x_BxTxD = SubLayer(self.cfg, "ffn", self.decode, name="ffn")(x_BxTxD, pick(1), positions_BxT, segments_BxT)
     return x_BxTxD, None

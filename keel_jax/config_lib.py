@@ -26,18 +26,23 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.model = dict(
       block="keel", num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, d_ff=384,
       rope_theta=10000.0, tie_embeddings=True, keel_alpha="L", keel_first_layer="v2",
-      mix_ln_fraction=0.25, norm_eps=1e-5, norm_impl="xla", init_std=0.02, scan_layers=True,
+      mix_ln_fraction=0.25, norm_eps=1e-5, norm_impl="xla", attention_impl="xla", init_std=0.02, scan_layers=True,
       remat_policy="full", scan_groups=0, dtype="float32")
   cfg.data = dict(
       source="stdlib", paths="", prepared_dir="", seq_len=256, batch_size=16, tokenizer="byte",
       bpe_vocab_size=4096, val_fraction=0.02, eval_batches=8, on_bad_file="skip", max_files=0,
-      synthetic_task="", vocab_multiple=64)
+      synthetic_task="", vocab_multiple=64,
+      document_mask=False,  # attention stays within each packed document (segment ids from eos)
+      document_positions=False)  # RoPE positions restart at each document (needs document_mask)
   cfg.train = dict(
       num_steps=1000, lr=3e-3, warmup_steps=100, lr_floor=1e-7, schedule="cosine", b1=0.9, b2=0.95,
       eps=1e-8, weight_decay=0.01, clip_norm=1.0, seed=0, log_every=10, eval_every=200,
       checkpoint_every=200, keep_checkpoints=3, nonfinite_policy="halt", max_consecutive_skips=10,
       spike_factor=3.0, profile_steps=0,
       telemetry_every=50,  # per-sub-layer telemetry records every N steps (0 = off); keel_jax/plot_telemetry.py
+      grad_accum_steps=1,  # microbatches per step (lax.scan), one optimiser update
+      loss_chunk=0,  # sequence positions per chunk of the output projection + loss (0: all at once)
+      z_loss=0.0,  # weight of mean log(Z)^2 added to the loss
       compilation_cache_dir="",  # persistent XLA compilation cache ("" = off); docs/PERFORMANCE.md
       # Test hook: NaN gradient (last param leaf) at steps debug_nonfinite_step .. +count-1; -1 = off.
       debug_nonfinite_step=-1, debug_nonfinite_count=1)
@@ -183,6 +188,16 @@ def validate(cfg: ml_collections.ConfigDict, vocab_size: int = 256) -> ModelConf
     _check(isinstance(d[f], int) and d[f] > 0, f"data.{f}", d[f], "a positive integer")
   _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a number in (0, 1)")
   _check(d.on_bad_file in ("skip", "error"), "data.on_bad_file", d.on_bad_file, "one of ('skip', 'error')")
+  _check(not d.get("document_positions", False) or d.get("document_mask", False), "data.document_positions",
+         True, "False unless data.document_mask=True (positions restart at the documents that mask marks)")
+  k = t.get("grad_accum_steps", 1)
+  _check(isinstance(k, int) and k > 0 and d.batch_size % k == 0, "train.grad_accum_steps", k,
+         f"a positive divisor of data.batch_size={d.batch_size}")
+  chunk = t.get("loss_chunk", 0)
+  _check(isinstance(chunk, int) and chunk >= 0 and (chunk == 0 or d.seq_len % chunk == 0), "train.loss_chunk",
+         chunk, f"0 (no chunks) or a divisor of data.seq_len={d.seq_len}")
+  _check(math.isfinite(t.get("z_loss", 0.0)) and t.get("z_loss", 0.0) >= 0, "train.z_loss", t.get("z_loss"),
+         "a non-negative number")
   for f in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     _check(isinstance(t[f], int) and t[f] > 0, f"train.{f}", t[f], "a positive integer")
   _check(isinstance(t.telemetry_every, int) and t.telemetry_every >= 0, "train.telemetry_every", t.telemetry_every,

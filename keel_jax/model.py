@@ -35,7 +35,7 @@ def _maybe_remat(module_cls, policy: str):
 
 def _scan(module_cls, length: int, axis_name: str):
   return nn.scan(module_cls, variable_axes=_PER_LAYER, split_rngs={"params": True},
-                 in_axes=(0, nn.broadcast), length=length,
+                 in_axes=(0, nn.broadcast, nn.broadcast), length=length,
                  metadata_params={nn.PARTITION_NAME: axis_name})
 
 
@@ -45,10 +45,10 @@ class BlockGroup(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, consts_Gx2, positions_BxT):
+  def __call__(self, x_BxTxD, consts_Gx2, positions_BxT, segments_BxT):
     n = self.cfg.num_layers // self.cfg.scan_groups
     stack = _scan(_maybe_remat(Block, self.cfg.remat_policy), n, "layers")
-    x_BxTxD, _ = stack(self.cfg, self.decode, name="blocks")(x_BxTxD, consts_Gx2, positions_BxT)
+    x_BxTxD, _ = stack(self.cfg, self.decode, name="blocks")(x_BxTxD, consts_Gx2, positions_BxT, segments_BxT)
     return x_BxTxD, None
 
 
@@ -66,7 +66,11 @@ class Decoder(nn.Module):
     return {**consts, "keep": keep}
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT=None, sublayer_keep=None):
+  def __call__(self, tokens_BxT, positions_BxT=None, sublayer_keep=None, segment_ids_BxT=None,
+               return_hidden=False):
+    """segment_ids_BxT: document ids of packed rows (attention never crosses a document), or None.
+    return_hidden: the top hidden state h_BxTxD (compute dtype) instead of the logits, for
+    `chunked_lm_loss`, which applies the output projection a chunk at a time."""
     c = self.cfg
     B, T = tokens_BxT.shape
     if positions_BxT is None:
@@ -83,19 +87,21 @@ class Decoder(nn.Module):
       block_cls = _maybe_remat(Block, c.remat_policy)
       for i in range(c.num_layers):
         layer_consts = jax.tree.map(lambda a: a[i], consts)
-        x_BxTxD, _ = block_cls(c, self.decode, name=f"layers_{i}")(x_BxTxD, layer_consts, positions_BxT)
+        x_BxTxD, _ = block_cls(c, self.decode, name=f"layers_{i}")(x_BxTxD, layer_consts, positions_BxT, segment_ids_BxT)
     elif c.scan_groups:  # nested scan: remat per group keeps ~sqrt(L) stream copies (issue 10)
       G = c.scan_groups
       grouped = jax.tree.map(lambda a: a.reshape(G, c.num_layers // G, 2), consts)
       stack = _scan(_maybe_remat(BlockGroup, "full"), G, "layer_groups")
-      x_BxTxD, _ = stack(c, self.decode, name="layers")(x_BxTxD, grouped, positions_BxT)
+      x_BxTxD, _ = stack(c, self.decode, name="layers")(x_BxTxD, grouped, positions_BxT, segment_ids_BxT)
     else:
       stack = _scan(_maybe_remat(Block, c.remat_policy), c.num_layers, "layers")
-      x_BxTxD, _ = stack(c, self.decode, name="layers")(x_BxTxD, consts, positions_BxT)
+      x_BxTxD, _ = stack(c, self.decode, name="layers")(x_BxTxD, consts, positions_BxT, segment_ids_BxT)
 
     if has_final_norm(c):
       x_BxTxD = RMSNorm(c.norm_eps, c.norm_impl, name="final_norm")(x_BxTxD)
     h_BxTxD = x_BxTxD.astype(c.compute_dtype)
+    if return_hidden:
+      return h_BxTxD
     if c.tie_embeddings:
       logits_BxTxV = embed.attend(h_BxTxD)
     else:

@@ -14,6 +14,7 @@ from keel_jax.errors import ConfigError
 BLOCKS = ("keel", "pre_ln", "post_ln", "deepnorm", "mix_ln")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 NORM_IMPLS = ("xla", "pallas", "auto")
+ATTENTION_IMPLS = ("xla", "dot_product", "splash", "auto")  # keel_jax/attention_impls.py
 DTYPES = ("float32", "bfloat16")
 KEEL_FIRST_LAYER_RULES = ("v1", "v2")
 # Fields that choose how the model computes, not what its parameters are: a checkpoint may be resumed
@@ -40,6 +41,7 @@ class ModelConfig:
   mix_ln_fraction: float = 0.25
   norm_eps: float = 1e-5
   norm_impl: str = "xla"
+  attention_impl: str = "xla"
   init_std: float = 0.02
   scan_layers: bool = True
   remat_policy: str = "full"
@@ -62,6 +64,7 @@ class ModelConfig:
          f"d_model / num_heads even for rotary embeddings (head dim is {self.head_dim})")
     need(self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {REMAT_POLICIES}")
     need(self.norm_impl in NORM_IMPLS, "norm_impl", f"one of {NORM_IMPLS}")
+    need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"one of {ATTENTION_IMPLS}")
     need(self.dtype in DTYPES, "dtype", f"one of {DTYPES}")
     need(self.keel_first_layer in KEEL_FIRST_LAYER_RULES, "keel_first_layer",
          f"one of {KEEL_FIRST_LAYER_RULES}")

@@ -149,13 +149,18 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
-def check_batch(global_batch: int, mesh) -> None:
-  """The global batch must split evenly over the data-parallel devices (and, on a concrete mesh,
-  the processes must hold equal blocks of it: see `data_shard_of_process`)."""
+def check_batch(global_batch: int, mesh, grad_accum_steps: int = 1) -> None:
+  """The global batch must split evenly over the data-parallel devices, each device's rows over the
+  grad_accum_steps microbatches (and, on a concrete mesh, the processes must hold equal blocks of
+  it: see `data_shard_of_process`)."""
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_batch % dp:
     raise ConfigError("data.batch_size", global_batch, f"a multiple of the data-parallel size "
                       f"mesh.data * mesh.fsdp = {dp}")
+  if global_batch % (dp * grad_accum_steps):
+    raise ConfigError("data.batch_size", global_batch, f"a multiple of data-parallel size {dp} x "
+                      f"train.grad_accum_steps {grad_accum_steps} = {dp * grad_accum_steps} (each device's "
+                      f"{global_batch // dp} rows split into {grad_accum_steps} microbatches)")
   if isinstance(mesh, jax.sharding.Mesh):
     data_shard_of_process(mesh)
 

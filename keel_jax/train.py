@@ -19,9 +19,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from keel_jax import config_lib, data, paths, sharding
+from keel_jax import attention_impls, config_lib, data, paths, sharding
 from keel_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
 from keel_jax.errors import EXIT_BAD_INPUT, ConfigError, DataError
+from keel_jax.loss import LossOptions
 from keel_jax.metrics import MetricsWriter
 from keel_jax.model import Decoder, param_table
 from keel_jax.model_config import NON_PARAMETER_FIELDS
@@ -119,7 +120,9 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
   token_data, tokenizer = data.load_token_data(cfg.data, workdir)
   model_cfg = config_lib.validate(cfg, tokenizer.vocab_size)
   mesh = sharding.make_mesh(cfg.mesh)
-  sharding.check_batch(cfg.data.batch_size, mesh)
+  sharding.check_batch(cfg.data.batch_size, mesh, cfg.train.get("grad_accum_steps", 1))
+  model_cfg = dataclasses.replace(model_cfg, attention_impl=attention_impls.resolve(
+      model_cfg.attention_impl, attention_impls.target_platform(mesh), cfg.data.seq_len, log if is_main else None))
   train_iter = data.make_train_iterator(token_data.train, cfg.data.seq_len, cfg.data.batch_size,
                                         cfg.train.seed, *sharding.data_shard_of_process(mesh))
   eval_set = data.eval_batches(token_data.val, cfg.data.seq_len, cfg.data.batch_size, cfg.data.eval_batches)
@@ -142,11 +145,13 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
     if is_main:  # only once the state fits: a refused or failed resume must leave config.json as it was
       paths.write_text(workdir / "config.json", config_lib.to_json(cfg))  # never torn
     debug_nonfinite = (cfg.train.get("debug_nonfinite_step", -1), cfg.train.get("debug_nonfinite_count", 1))
+    loss_options = LossOptions.from_config(cfg)
     step_fn, telemetry_fn = (
-        jax.jit(make_train_step(model, tx, schedule, debug_nonfinite, telemetry), donate_argnums=0,
+        jax.jit(make_train_step(model, tx, schedule, debug_nonfinite, telemetry, loss_options,
+                                cfg.train.get("grad_accum_steps", 1)), donate_argnums=0,
                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)), out_shardings=(state_shardings, None))
         for telemetry in (False, True))  # the telemetry variant compiles at its first use
-    eval_fn = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, sharding.batch_sharding(mesh)))
+    eval_fn = jax.jit(make_eval_step(model, loss_options), in_shardings=(state_shardings.params, sharding.batch_sharding(mesh)))
     loop = Loop(cfg, workdir, mesh, ckpt, MetricsWriter(workdir, is_main, resume_step=start), token_data,
                 leaf_names=[jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params)],
                 log=log, is_main=is_main)
@@ -240,7 +245,7 @@ class Loop:
       bar.update(step - bar.n)
       bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
     if step % t.log_every == 0 or step == t.num_steps:
-      rec = {k: m[k] for k in ("loss", "lr", "grad_norm", "update_norm", "param_norm")}
+      rec = {k: m[k] for k in ("loss", "lr", "grad_norm", "update_norm", "param_norm", "z_loss") if k in m}
       rec.update(tokens_per_sec=tps, skipped=int(m["skipped"]),  # non-finite updates skipped so far
                  sublayer_grad_norm=np.round(m["sublayer_grad_norm"], 6))
       self.writer.write(step, "train", rec)
@@ -270,7 +275,7 @@ class Loop:
     losses = []
     for batch in eval_set:
       rows = batch["tokens"].shape[0] // n
-      local = {"tokens": batch["tokens"][p * rows:(p + 1) * rows]}
+      local = {k: v[p * rows:(p + 1) * rows] for k, v in batch.items()}
       losses.append(eval_fn(params, sharding.global_batch(local, self.mesh)))
     loss = float(np.mean(jax.device_get(losses)))
     bpb = loss / math.log(2) / self.token_data.bytes_per_token_val

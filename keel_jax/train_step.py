@@ -5,16 +5,19 @@ Kept apart from the training loop (keel_jax/train.py) so that ahead-of-time comp
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from keel_jax import sharding
 from keel_jax.diagnostics import sublayer_branch_ratios, sublayer_norms
-from keel_jax.model import Decoder, init_params, lm_loss, strip_boxes
+from keel_jax.loss import LossOptions, lm_objective
+from keel_jax.model import Decoder, init_params, strip_boxes
 
 
 @flax.struct.dataclass
@@ -27,9 +30,40 @@ class TrainState:
 
 # ---- the step ------------------------------------------------------------------------------------
 
+def loss_and_grads(model: Decoder, params, batch, loss_options: LossOptions = LossOptions(),
+                   grad_accum_steps: int = 1):
+  """(loss, aux, grads) of the batch's mean loss. With grad_accum_steps = k > 1 the batch runs as k
+  microbatches of B/k rows under `lax.scan`, their losses and float32 gradients summed and divided
+  by k: the same values as the whole batch at once (equal-sized microbatches), with the activations
+  of one microbatch live at a time. Microbatch i holds rows i, i+k, i+2k, ...: every device keeps
+  its own rows (the batch is sharded in contiguous row blocks), so no row moves between devices."""
+  grad_fn = jax.value_and_grad(lambda p, b: lm_objective(model, p, b, loss_options), has_aux=True)
+  k = grad_accum_steps
+  if k == 1:
+    (loss, aux), grads = grad_fn(params, batch)
+    return loss, aux, grads
+
+  def split(a_BxN):  # [B, ...] -> [k, B/k, ...], microbatch i = rows i::k
+    micro = jnp.swapaxes(a_BxN.reshape(a_BxN.shape[0] // k, k, *a_BxN.shape[1:]), 0, 1)
+    return nn.with_logical_constraint(micro, (None, "batch") + (None,) * (micro.ndim - 2))
+
+  def body(acc, microbatch):
+    (loss, aux), grads = grad_fn(params, microbatch)
+    step = (loss, aux, jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+    return jax.tree.map(jnp.add, acc, step), None
+
+  zero = jnp.zeros((), jnp.float32)
+  zeros = (zero, {"ce": zero, "z": zero}, jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+  total, _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+  loss, aux, grads = jax.tree.map(lambda a: a / k, total)
+  return loss, aux, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
 def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule, debug_nonfinite=(-1, 1),
-                    telemetry: bool = False):
+                    telemetry: bool = False, loss_options: LossOptions = LossOptions(), grad_accum_steps: int = 1):
   """(state, batch) -> (state, metrics). A non-finite loss or gradient leaves the state unchanged.
+  `loss_options`, `grad_accum_steps`: see `loss_and_grads`. metrics['loss'] is the cross-entropy
+  (comparable with eval_loss); with a z-loss, metrics['z_loss'] is its mean log(Z)^2.
 
   `telemetry=True` adds per-sub-layer `update_param_ratio` (||update_l|| / ||params_l|| before the
   update) and `branch_ratio` (RMS(F_l) / RMS(alpha x_l), from one extra forward pass on the batch)
@@ -40,13 +74,14 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule, 
   """
 
   def train_step(state: TrainState, batch):
-    loss, grads = jax.value_and_grad(lambda p: lm_loss(model, p, batch["tokens"]))(state.params)
+    objective, aux, grads = loss_and_grads(model, state.params, batch, loss_options, grad_accum_steps)
+    loss = aux["ce"]
     if debug_nonfinite[0] >= 0:  # test hook, off by default (then not even traced)
       bad = (state.step + 1 >= debug_nonfinite[0]) & (state.step + 1 < sum(debug_nonfinite))
       *rest, last = jax.tree.leaves(grads)
       grads = jax.tree.unflatten(jax.tree.structure(grads), [*rest, jnp.where(bad, jnp.nan, last)])
     leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-    finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
+    finite = jnp.isfinite(objective) & jnp.all(leaf_finite)
 
     # lax.cond rather than jnp.where(finite, new, old): only the taken branch runs, so the update can
     # write the donated state in place instead of holding old and new state at once (the where form
@@ -72,13 +107,17 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule, 
     if telemetry:
       metrics["update_param_ratio"] = update_ratio
       metrics["branch_ratio"] = sublayer_branch_ratios(model, state.params, batch["tokens"][:, :-1])
+    if loss_options.z_loss > 0:
+      metrics["z_loss"] = aux["z"]
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(model: Decoder):
-  return lambda params, batch: lm_loss(model, params, batch["tokens"])
+def make_eval_step(model: Decoder, loss_options: LossOptions = LossOptions()):
+  """(params, batch) -> mean cross-entropy (no z-loss), with the training run's chunking and documents."""
+  opts = dataclasses.replace(loss_options, z_loss=0.0)
+  return lambda params, batch: lm_objective(model, params, batch, opts)[1]["ce"]
 
 
 def create_state(model, tx, mesh, rng):

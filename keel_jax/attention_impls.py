@@ -1,0 +1,137 @@
+"""softmax(q k^T / sqrt(Dh) + mask) v, four ways (`model.attention_impl`), and which one a backend gets.
+
+    xla          einsums with float32 logits [B, K, G, T, S] materialised: the reference
+    dot_product  jax.nn.dot_product_attention (implementation=None: cuDNN flash attention on NVIDIA
+                 GPUs where it applies, XLA elsewhere)
+    splash       the Pallas TPU splash-attention kernels (keel_jax/kernels/splash.py), blockwise:
+                 no [T, S] array is ever live; interpreted (slowly) on CPU for tests
+    auto         `AUTO_CHOICE[platform]`, falling back (one logged line) when that one cannot run
+
+Shapes: B batch, T queries, S keys, H query heads, K key/value heads, G = H // K, Dh head dim.
+The mask is always causal and never lets a query see a key of position < 0 (padding); with
+segment ids (packed documents) a query sees only keys of its own segment. Training (`slots=None`)
+is causal by index; the KV-cache decode path passes per-query slot positions and is causal by
+token position, as its cache slots are not in position order for left-padded rows.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from keel_jax.errors import ConfigError
+from keel_jax.model_config import ATTENTION_IMPLS as IMPLS
+
+# What each platform can run. Splash is a TPU kernel; on CPU it runs in Pallas interpret mode
+# (correct but slow: tests only), a GPU has no lowering for it.
+AVAILABLE = {"cpu": ("xla", "dot_product", "splash"), "tpu": ("xla", "dot_product", "splash"),
+             "gpu": ("xla", "dot_product"), "cuda": ("xla", "dot_product"), "rocm": ("xla", "dot_product")}
+# 'auto', per platform. cpu: dot_product measured faster than xla at seq 512-4096
+# (benchmarks/attention_impls.py, docs/PERFORMANCE.md). tpu: splash, the only one whose memory
+# does not grow with T^2 (keel_jax.aot, docs/PERFORMANCE.md). gpu: dot_product, which is cuDNN's
+# flash attention there (not measured here: no GPU was available).
+AUTO_CHOICE = {"cpu": "dot_product", "tpu": "splash", "gpu": "dot_product", "cuda": "dot_product",
+               "rocm": "dot_product"}
+
+
+def target_platform(mesh=None) -> str:
+  """The platform being compiled for: `mesh`'s devices, else the current mesh's if one is set (an
+  abstract TPU mesh when compiling for TPU from a CPU host), else the default backend."""
+  if isinstance(mesh, jax.sharding.Mesh):
+    return mesh.devices.flat[0].platform
+  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def resolve(impl: str, platform: str, seq_len: int, log: Callable[[str], None] | None = None) -> str:
+  """'xla' | 'dot_product' | 'splash' | 'auto' -> a concrete impl that runs on `platform` at
+  `seq_len` query/key positions. An explicit impl that cannot: ConfigError naming what can; 'auto'
+  falls back to 'xla' and says so in one `log` line."""
+  if impl not in IMPLS:
+    raise ConfigError("model.attention_impl", impl, f"one of {IMPLS}")
+  available = AVAILABLE.get(platform, ("xla", "dot_product"))
+  if impl != "auto":
+    if impl not in available:
+      raise ConfigError("model.attention_impl", impl, f"one of {available} on platform {platform!r} "
+                        "(or 'auto')")
+    if impl == "splash":
+      from keel_jax.kernels import splash
+      splash.block_size(seq_len)  # ConfigError naming seq_len and the block sizes
+    return impl
+  choice = AUTO_CHOICE.get(platform, "xla")
+  if choice == "splash":
+    from keel_jax.kernels import splash
+    try:
+      splash.block_size(seq_len)
+    except ConfigError as e:
+      if log is not None:
+        log(f"attention_impl=auto: splash cannot run here ({e.allowed}); using xla")
+      return "xla"
+  return choice
+
+
+def causal_mask(q_index_BxT, k_index_BxS, k_pos_BxS, segments=None) -> jax.Array:
+  """bool [B, T, S]: key index <= query index, key position >= 0, same segment if given.
+  `segments` = (q_segments_BxT, k_segments_BxS)."""
+  visible = (k_index_BxS[:, None, :] <= q_index_BxT[:, :, None]) & (k_pos_BxS[:, None, :] >= 0)
+  if segments is not None:
+    q_seg, k_seg = segments
+    visible &= k_seg[:, None, :] == q_seg[:, :, None]
+  return visible
+
+
+def xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible_BxTxS, sow=None) -> jax.Array:
+  """The reference: float32 logits [B, K, G, T, S], masked softmax, in q's dtype. `sow(probs)` keeps
+  the attention probabilities (notebooks)."""
+  B, T, H, Dh = q_BxTxHxDh.shape
+  K = k_BxSxKxDh.shape[2]
+  q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
+  logits_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxSxKxDh,
+                                preferred_element_type=jnp.float32) / jnp.sqrt(Dh).astype(jnp.float32)
+  logits_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(q_BxTxHxDh.dtype)
+  if sow is not None:
+    sow(probs)
+  out_BxTxKxGxDh = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh.astype(q_BxTxHxDh.dtype))
+  return out_BxTxKxGxDh.reshape(B, T, H, Dh)
+
+
+def dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible_BxTxS=None) -> jax.Array:
+  """jax.nn.dot_product_attention (GQA native). visible=None: plain causal (is_causal, the form
+  cuDNN's fused kernel takes without a mask array)."""
+  dt = q_BxTxHxDh.dtype
+  k, v = k_BxSxKxDh.astype(dt), v_BxSxKxDh.astype(dt)
+  if visible_BxTxS is None:
+    return jax.nn.dot_product_attention(q_BxTxHxDh, k, v, is_causal=True)
+  return jax.nn.dot_product_attention(q_BxTxHxDh, k, v, mask=visible_BxTxS[:, None])
+
+
+def attend(impl: str, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, positions_BxT, segments_BxT=None,
+           sow=None) -> jax.Array:
+  """Training / full-sequence attention (S = T, causal by index) with `impl` (resolved, not 'auto').
+  `segments_BxT`: document ids of packed sequences (None: one document per row)."""
+  if impl == "splash":
+    from keel_jax.kernels import splash
+    return splash.splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segments_BxT)
+  B, T = positions_BxT.shape
+  index_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+  segments = None if segments_BxT is None else (segments_BxT, segments_BxT)
+  if impl == "dot_product":
+    plain = segments is None  # training positions are never negative: plain causal is exact
+    visible = None if plain else causal_mask(index_BxT, index_BxT, positions_BxT, segments)
+    return dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible)
+  if impl != "xla":
+    raise ConfigError("model.attention_impl", impl, "a resolved impl: one of ('xla', 'dot_product', 'splash')")
+  visible = causal_mask(index_BxT, index_BxT, positions_BxT, segments)
+  return xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible, sow)
+
+
+def attend_cached(impl: str, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_pos_BxT, k_pos_BxS, sow=None) -> jax.Array:
+  """KV-cache decode: T new queries against S cache slots, causal by position (splash, a training
+  kernel, decodes with xla)."""
+  visible = causal_mask(q_pos_BxT, k_pos_BxS, k_pos_BxS)
+  if impl == "dot_product":
+    return dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible)
+  return xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible, sow)
