@@ -123,9 +123,11 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
   sharding.check_batch(cfg.data.batch_size, mesh, cfg.train.get("grad_accum_steps", 1))
   model_cfg = dataclasses.replace(model_cfg, attention_impl=attention_impls.resolve(
       model_cfg.attention_impl, attention_impls.target_platform(mesh), cfg.data.seq_len, log if is_main else None))
+  eos_id = tokenizer.eos_id if cfg.data.get("document_mask", False) else None  # batches carry segment ids
   train_iter = data.make_train_iterator(token_data.train, cfg.data.seq_len, cfg.data.batch_size,
-                                        cfg.train.seed, *sharding.data_shard_of_process(mesh))
-  eval_set = data.eval_batches(token_data.val, cfg.data.seq_len, cfg.data.batch_size, cfg.data.eval_batches)
+                                        cfg.train.seed, *sharding.data_shard_of_process(mesh), eos_id=eos_id)
+  eval_set = data.eval_batches(token_data.val, cfg.data.seq_len, cfg.data.batch_size, cfg.data.eval_batches,
+                               eos_id=eos_id)
 
   # model, optimiser, state
   model = Decoder(model_cfg)

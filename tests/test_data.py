@@ -303,3 +303,15 @@ def test_vanished_file_skip_or_error(tmp_path):
   assert skipped == {'unreadable': 1}
   with pytest.raises(DataError, match='gone.txt'):
     list(data_lib.read_docs(files, False, 'error', {}))
+
+
+def test_document_ids_start_a_new_document_at_each_eos():
+  eos = 9
+  stream = np.array([1, 2, eos, 3, 4, 5, eos, 6, 7, 8, 1, 2, eos, 4, 5, 6, 7], np.int32)
+  it = data_lib.make_train_iterator(stream, seq_len=4, global_batch=2, seed=0, eos_id=eos)
+  batch = next(it)
+  for row, seg in zip(batch['tokens'], batch['segment_ids']):
+    np.testing.assert_array_equal(seg, np.cumsum(row == eos))  # an eos opens the document after it
+  evals = data_lib.eval_batches(stream, seq_len=3, batch_size=2, num_batches=1, eos_id=eos)
+  np.testing.assert_array_equal(evals[0]['segment_ids'], data_lib.document_ids(evals[0]['tokens'], eos))
+  assert 'segment_ids' not in next(data_lib.make_train_iterator(stream, 4, 2, 0))
