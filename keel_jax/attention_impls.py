@@ -114,7 +114,8 @@ def attend(impl: str, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, positions_BxT, segment
   `segments_BxT`: document ids of packed sequences (None: one document per row)."""
   if impl == "splash":
     from keel_jax.kernels import splash
-    return splash.splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segments_BxT)
+    return splash.splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segments_BxT,
+                                   interpret=target_platform() != "tpu")
   B, T = positions_BxT.shape
   index_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
   segments = None if segments_BxT is None else (segments_BxT, segments_BxT)

@@ -60,14 +60,10 @@ def _local(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segments_BxT, interpret: bool):
   return jnp.swapaxes(out_BxHxTxDh, 1, 2)
 
 
-def splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segments_BxT=None, *,
-                     interpret: bool | None = None) -> jax.Array:
+def splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segments_BxT=None, *, interpret: bool) -> jax.Array:
   """Causal softmax(q k^T / sqrt(Dh)) v, [B, T, H, Dh] in q's dtype; S = T; K divides H.
-  `interpret=None` compiles for a TPU target (the current mesh's platform) and interprets elsewhere."""
-  from keel_jax.attention_impls import target_platform
+  `interpret`: run the kernels in Pallas interpret mode (any backend) instead of compiling for TPU."""
   from keel_jax.sharding import BATCH_AXES
-  if interpret is None:
-    interpret = target_platform() != "tpu"
   block_size(q_BxTxHxDh.shape[1])
   fn = functools.partial(_local, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
