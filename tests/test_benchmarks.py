@@ -110,3 +110,13 @@ def test_tpu_fit_tries_variants_by_mfu_ceiling_and_tabulates_the_json(tmp_path):
   assert "| keel | 512 | v5p-256 | 128 | yes | shipped | 16 x 8 | save_dots_no_batch | 70.0 / 95 | 100 | 70% |" in table
   assert "| keel | 512 | v5p-16 | 8 | no | none of 1 tried | | | 200.0 (least tried) / 95 | | |" in table
   assert "keel 512: v5p-256 (128 chips), `--config configs/paper_keel_512.py:block=keel`" in table
+
+
+@pytest.mark.slow
+def test_attention_impls_reports_speed_and_memory_per_impl_and_seq_len():
+  out = run_script("attention_impls.py")
+  assert sorted((r["impl"], r["seq_len"]) for r in out["rows"]) == [
+      ("dot_product", 32), ("dot_product", 64), ("xla", 32), ("xla", 64)]
+  for r in out["rows"]:
+    assert r["tokens_per_s"] > 0 and r["xla_peak_bytes"] >= r["xla_temp_bytes"] > 0 and len(r["rounds"]) == 2
+  assert set(out["ratio_dot_product_over_xla"]) == {"32", "64"}
