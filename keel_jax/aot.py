@@ -152,14 +152,19 @@ def compile_steps(cfg, slc, steps=STEPS, log=lambda s: None) -> list[StepReport]
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from keel_jax import generate, sharding
+  from keel_jax import attention_impls, generate, sharding
+  from keel_jax.loss import LossOptions
   from keel_jax.model import Decoder
   from keel_jax.optimizer import lr_schedule, make_optimizer
   from keel_jax.train_step import create_state, make_eval_step, make_train_step
 
   model_cfg = check_config(cfg, slc.chips)
   mesh = sharding.make_mesh(cfg.mesh, slc.devices())
-  sharding.check_batch(cfg.data.batch_size, mesh)
+  accum = cfg.train.get("grad_accum_steps", 1)
+  sharding.check_batch(cfg.data.batch_size, mesh, accum)
+  model_cfg = dataclasses.replace(model_cfg, attention_impl=attention_impls.resolve(
+      model_cfg.attention_impl, attention_impls.target_platform(mesh), cfg.data.seq_len, log))
+  loss_options = LossOptions.from_config(cfg)
   model = Decoder(model_cfg)
   tx, schedule = make_optimizer(cfg.train), lr_schedule(cfg.train)
   rng = jax.eval_shape(jax.random.key, cfg.train.seed)  # abstract: nothing concrete on the slice's devices
@@ -172,18 +177,19 @@ def compile_steps(cfg, slc, steps=STEPS, log=lambda s: None) -> list[StepReport]
     init_fn, state_shardings, _ = create_state(model, tx, mesh, rng)
     state = abstract(jax.eval_shape(init_fn, rng), state_shardings)
     batch_sharding = sharding.batch_sharding(mesh)
-    batch = {"tokens": jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32,
-                                            sharding=batch_sharding)}
+    tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32, sharding=batch_sharding)
+    batch = {"tokens": tokens, **({"segment_ids": tokens} if cfg.data.get("document_mask", False) else {})}
     for name in steps:
       log(f"compiling the {name} step for {slc.name} ({slc.chips} chips, mesh {dict(mesh.shape)}) ...")
       if name == "train":
-        fn = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0,
+        fn = jax.jit(make_train_step(model, tx, schedule, loss_options=loss_options, grad_accum_steps=accum),
+                     donate_argnums=0,
                      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None))
         reports.append(compile_one(name, fn, state, batch))
         reports[-1].state_bytes = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
                                       for a in jax.tree.leaves(state))
       elif name == "eval":
-        fn = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, batch_sharding))
+        fn = jax.jit(make_eval_step(model, loss_options), in_shardings=(state_shardings.params, batch_sharding))
         reports.append(compile_one(name, fn, state.params, batch))
       elif name == "sample":
         reports.append(compile_one(name, *_sample_args(cfg, model_cfg, mesh, state.params)))

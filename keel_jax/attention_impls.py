@@ -1,6 +1,7 @@
 """softmax(q k^T / sqrt(Dh) + mask) v, four ways (`model.attention_impl`), and which one a backend gets.
 
-    xla          einsums with float32 logits [B, K, G, T, S] materialised: the reference
+    xla          einsums with float32 logits [B, K, G, T, S] materialised (in query blocks of
+                 XLA_QUERY_BLOCK above that length): the reference
     dot_product  jax.nn.dot_product_attention (implementation=None: cuDNN flash attention on NVIDIA
                  GPUs where it applies, XLA elsewhere)
     splash       the Pallas TPU splash-attention kernels (keel_jax/kernels/splash.py), blockwise:
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from keel_jax.errors import ConfigError
+from keel_jax.kernels.rmsnorm import target_platform  # the mesh's platform, else the default backend
 from keel_jax.model_config import ATTENTION_IMPLS as IMPLS
 
 # What each platform can run. Splash is a TPU kernel; on CPU it runs in Pallas interpret mode
@@ -35,14 +37,7 @@ AUTO_CHOICE = {"cpu": "dot_product", "tpu": "splash", "gpu": "dot_product", "cud
                "rocm": "dot_product"}
 
 
-def target_platform(mesh=None) -> str:
-  """The platform being compiled for: `mesh`'s devices, else the current mesh's if one is set (an
-  abstract TPU mesh when compiling for TPU from a CPU host), else the default backend."""
-  if isinstance(mesh, jax.sharding.Mesh):
-    return mesh.devices.flat[0].platform
-  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-  return device.platform if device is not None else jax.default_backend()
+XLA_QUERY_BLOCK = 1024  # xla_attention: queries per block above this length
 
 
 def resolve(impl: str, platform: str, seq_len: int, log: Callable[[str], None] | None = None) -> str:
@@ -82,10 +77,25 @@ def causal_mask(q_index_BxT, k_index_BxS, k_pos_BxS, segments=None) -> jax.Array
   return visible
 
 
-def xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible_BxTxS, sow=None) -> jax.Array:
+def xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible_BxTxS, sow=None,
+                  query_block: int | None = None) -> jax.Array:
   """The reference: float32 logits [B, K, G, T, S], masked softmax, in q's dtype. `sow(probs)` keeps
-  the attention probabilities (notebooks)."""
+  the attention probabilities (notebooks).
+
+  Above `query_block` queries (default XLA_QUERY_BLOCK; a divisor of T) the same einsums run one
+  block of queries at a time under `lax.map`, each block rematerialised in the backward pass: the
+  logits live as [B, K, G, block, S] instead of [B, K, G, T, S] (at T = 4096, 1/4), for one more
+  attention forward in the backward pass.
+  """
   B, T, H, Dh = q_BxTxHxDh.shape
+  block = XLA_QUERY_BLOCK if query_block is None else query_block
+  if sow is None and T > block and T % block == 0:
+    n = T // block
+    q_NxBxCxHxDh = jnp.swapaxes(q_BxTxHxDh.reshape(B, n, block, H, Dh), 0, 1)
+    visible_NxBxCxS = jnp.swapaxes(visible_BxTxS.reshape(B, n, block, -1), 0, 1)
+    one = jax.checkpoint(lambda qv: xla_attention(qv[0], k_BxSxKxDh, v_BxSxKxDh, qv[1], query_block=block))
+    out_NxBxCxHxDh = jax.lax.map(one, (q_NxBxCxHxDh, visible_NxBxCxS))
+    return jnp.swapaxes(out_NxBxCxHxDh, 0, 1).reshape(B, T, H, Dh)
   K = k_BxSxKxDh.shape[2]
   q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
   logits_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxSxKxDh,

@@ -1,10 +1,8 @@
 """Attention implementations: each equals the xla reference (logits and gradients) with and without
 packed-document masks, with GQA; documents never see each other; bad choices fail naming what works."""
-import dataclasses
-import os
+import json
 import subprocess
 import sys
-import textwrap
 
 import chex
 import flax.linen as nn
@@ -139,17 +137,28 @@ def test_splash_sequence_not_a_multiple_of_the_block_names_the_numbers():
 
 @pytest.mark.slow
 def test_splash_compiles_for_an_8_chip_tpu_slice():
-  """The splash model's train step, sharded over 8 abstract v5p chips (data 2 x fsdp 2 x tensor 2),
-  compiles for TPU from this host (needs libtpu; a subprocess so its TPU setup stays there)."""
-  pytest.importorskip("libtpu")
-  script = textwrap.dedent("""
-      import json, sys
-      from keel_jax import aot
-      report = aot.main(["--config", "configs/tiny.py:seq_len=256,batch_size=8,attention_impl=splash,d_model=64",
-                         "--topology", "v5p:2x2x1", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-                         "--config.mesh.tensor=2", "--json"])
-      """)
-  pytest.skip("keel_jax.aot is not available yet") if not os.path.exists(os.path.join(REPO, "keel_jax", "aot.py")) else None
-  env = cli_env(JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  """The splash model's train step, sharded over a v5p-16 slice (8 chips: data 2 x fsdp 2 x tensor 2),
+  compiles for TPU from this host through keel_jax.aot, with the kernels as Mosaic calls."""
+  aot = pytest.importorskip("keel_jax.aot")
+  if not aot.libtpu_available():
+    pytest.skip("libtpu not installed (pip install -e '.[tpu]')")
+  env = cli_env(**aot.TPU_ENV)
+  args = ["--config", "configs/tiny.py:seq_len=256,batch_size=8,d_model=256,attention_impl=splash,document_mask=true",
+          "--topology", "v5p-16", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+          "--steps=train", "--json"]
+  proc = subprocess.run([sys.executable, "-m", "keel_jax.aot", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
+  report = json.loads(proc.stdout)
+  assert report["fits"] and report["steps"]["train"]["mosaic_calls"] > 0
+
+def test_xla_attention_in_query_blocks_equals_all_at_once():
+  B, T, H, K, Dh = 2, 32, 4, 2, 8
+  q, k, v = (jax.random.normal(jax.random.key(i), (B, T, n, Dh)) for i, n in enumerate((H, K, K)))
+  index = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
+  seg = jnp.asarray(packed_batch(B, T - 1)["segment_ids"])
+  visible = attention_impls.causal_mask(index, index, index, (seg, seg))
+  f = lambda block: jax.value_and_grad(
+      lambda q, k, v: jnp.sum(jnp.sin(attention_impls.xla_attention(q, k, v, visible, query_block=block))),
+      argnums=(0, 1, 2))(q, k, v)
+  chex.assert_trees_all_close(f(8), f(T), atol=1e-5)

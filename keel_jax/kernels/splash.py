@@ -76,7 +76,7 @@ def splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segments_BxT=None, *, i
   seg = P(batch, None)
   if segments_BxT is None:
     body = lambda q, k, v: fn(q, k, v, None)
-    return jax.shard_map(body, in_specs=(qkv, qkv, qkv), out_specs=qkv, check_vma=False)(
+    return jax.shard_map(body, mesh=mesh, in_specs=(qkv, qkv, qkv), out_specs=qkv, check_vma=False)(
         q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh)
-  return jax.shard_map(fn, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv, check_vma=False)(
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv, check_vma=False)(
       q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segments_BxT)
