@@ -287,6 +287,11 @@ def suggestions(cfg, model_cfg, slc, train: StepReport) -> list[dict[str, Any]]:
                   "why": f"nested scan: {g} groups of {model_cfg.num_layers // g} blocks keep ~sqrt(depth) "
                          "residual-stream copies instead of one per block"})
   per_chip_batch = cfg.data.batch_size // (data * fsdp)
+  k = 2 * cfg.train.get("grad_accum_steps", 1)
+  if per_chip_batch % k == 0:
+    out.append({"overrides": {"train.grad_accum_steps": k},
+                "why": f"gradient accumulation: {k} microbatches of {per_chip_batch // k} sequences per chip "
+                       "(activation temporaries shrink about k-fold; the global batch stays)"})
   if per_chip_batch > 1:
     out.append({"overrides": {"data.batch_size": cfg.data.batch_size // 2},
                 "why": f"halve the per-chip batch ({per_chip_batch} -> {per_chip_batch // 2} sequences; "
