@@ -15,6 +15,7 @@ and `TENSORSTORE_GCS_HTTP_URL` (TensorStore, so Orbax).
 """
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
@@ -90,12 +91,17 @@ def check_writable(directory, what: str = "workdir") -> epath.Path:
   """
   d = path(directory)
   probe = d / f".keel_write_check.{uuid.uuid4().hex[:8]}"
+  gcsfs_log = logging.getLogger("gcsfs")
+  level = gcsfs_log.level
+  gcsfs_log.setLevel(logging.CRITICAL)  # its retries log tracebacks; the one message below says it all
   try:
     makedirs(d)
     probe.write_text("ok")
     probe.unlink()
   except Exception as e:  # noqa: BLE001 -- gcsfs/google-auth raise many types; all mean "cannot write"
     raise ConfigError(what, str(d), _write_failure(d, e)) from None
+  finally:
+    gcsfs_log.setLevel(level)
   return d
 
 

@@ -36,7 +36,7 @@ class Preemption:
   def __init__(self, maintenance_url: str | None = None):
     self.signal: int | None = None  # the signal this process received, if any
     self.agreed = (jax.process_count() > 1 and jax.distributed.is_initialized()
-                   and jax.config.jax_enable_preemption_service)
+                   and getattr(jax.config, "jax_enable_preemption_service", True))
     handled = (signal.SIGINT,) if self.agreed else (signal.SIGTERM, signal.SIGINT)
     self.previous = {s: signal.signal(s, self._on_signal) for s in handled}
     url = maintenance_url or os.environ.get("KEEL_MAINTENANCE_URL") or (
