@@ -117,7 +117,10 @@ def load_tokenizer(workdir, cfg: ml_collections.ConfigDict):
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: str) -> None:
-  """'mesh.fsdp=2,model.norm_impl=xla' onto `cfg`: mesh fields and NON_PARAMETER_FIELDS only."""
+  """'mesh.fsdp=2,model.norm_impl=xla' onto `cfg`: mesh fields and NON_PARAMETER_FIELDS only. Mesh
+  fields start from the defaults, not from the training machine's mesh."""
+  if any(k.startswith("mesh.") for k in config_lib.parse_arg(overrides)):
+    cfg.mesh = config_lib.base_config().mesh
   for key in config_lib.parse_arg(overrides):
     section, _, name = key.partition(".")
     if not (section == "mesh" or (section == "model" and name in NON_PARAMETER_FIELDS)):

@@ -40,6 +40,8 @@ def is_remote(p) -> bool:
 def path(p) -> epath.Path:
   """`p` (str or path) as an epath.Path: `gs://...` as is, anything else absolute and user-expanded."""
   text = os.fspath(p) if not isinstance(p, epath.Path) else str(p)
+  if text.startswith("gs:/") and not is_remote(text):  # pathlib.Path("gs://b") collapsed the '//'
+    text = "gs://" + text[len("gs:/"):]
   if is_remote(text):
     try:
       import gcsfs  # noqa: F401 -- epath needs it for gs://; say so before the first use fails obscurely
