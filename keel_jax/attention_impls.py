@@ -10,9 +10,10 @@
 
 Shapes: B batch, T queries, S keys, H query heads, K key/value heads, G = H // K, Dh head dim.
 The mask is always causal and never lets a query see a key of position < 0 (padding); with
-segment ids (packed documents) a query sees only keys of its own segment. Training (`slots=None`)
-is causal by index; the KV-cache decode path passes per-query slot positions and is causal by
-token position, as its cache slots are not in position order for left-padded rows.
+segment ids (packed documents) a query sees only keys of its own segment. Training (`attend`) is
+causal by index, so rotary positions may restart per document; the KV-cache decode path
+(`attend_cached`) is causal by token position, as its cache slots are not in position order for
+left-padded rows.
 """
 from __future__ import annotations
 
@@ -29,14 +30,11 @@ from keel_jax.model_config import ATTENTION_IMPLS as IMPLS
 # (correct but slow: tests only), a GPU has no lowering for it.
 AVAILABLE = {"cpu": ("xla", "dot_product", "splash"), "tpu": ("xla", "dot_product", "splash"),
              "gpu": ("xla", "dot_product"), "cuda": ("xla", "dot_product"), "rocm": ("xla", "dot_product")}
-# 'auto', per platform. cpu: dot_product measured faster than xla at seq 512-4096
-# (benchmarks/attention_impls.py, docs/PERFORMANCE.md). tpu: splash, the only one whose memory
-# does not grow with T^2 (keel_jax.aot, docs/PERFORMANCE.md). gpu: dot_product, which is cuDNN's
-# flash attention there (not measured here: no GPU was available).
-AUTO_CHOICE = {"cpu": "dot_product", "tpu": "splash", "gpu": "dot_product", "cuda": "dot_product",
+# 'auto', per platform. tpu: splash, the only one whose memory does not grow with T^2 (keel_jax.aot,
+# docs/PERFORMANCE.md). gpu: dot_product, which is cuDNN's flash attention there (not measured: no GPU
+# was lent). cpu: xla, the reference (benchmarks/attention_impls.py compares it with dot_product).
+AUTO_CHOICE = {"cpu": "xla", "tpu": "splash", "gpu": "dot_product", "cuda": "dot_product",
                "rocm": "dot_product"}
-
-
 XLA_QUERY_BLOCK = 1024  # xla_attention: queries per block above this length
 
 
