@@ -93,7 +93,9 @@ class Attention(nn.Module):
       # Slots are not positions: a left-padded row's tokens sit at later slots than their positions.
       k_BxSxKxDh, v_BxSxKxDh, k_pos_BxS = ck.value, cv.value, cpos.value
 
-    sow = lambda probs: self.sow("intermediates", "attention_probs", probs)  # kept only when asked (notebooks)
+    sow = None  # attention probabilities, kept only when 'intermediates' is mutable (notebooks)
+    if self.is_mutable_collection("intermediates"):
+      sow = lambda probs: self.sow("intermediates", "attention_probs", probs)
     impl = c.attention_impl if c.attention_impl != "auto" else attention_impls.resolve(
         "auto", attention_impls.target_platform(), T)
     if self.is_initializing():  # init runs a short dummy sequence; the parameters do not depend on impl
