@@ -3,17 +3,24 @@
 # FFN 3072, seq 4096, AdamW (0.9, 0.95), wd 0.01, clip 1.0, 2500 warmup steps, cosine to 1e-7.
 # The workdir is a directory all hosts see (an NFS / Filestore mount; a gs:// URL is not one: docs/SCALING.md).
 # For accelerators (bfloat16); pick the block with `:block=pre_ln` etc., the mesh with --config.mesh.*.
+# Memory defaults are the best-fitting choices `python -m keel_jax.aot` found (docs/PERFORMANCE.md, long
+# sequences): remat 'full' + nested scan of 16 groups (the float32 residual stream kept), the loss in
+# chunks of 512 positions, attention 'auto' (splash on TPU, cuDNN via dot_product on GPU). On v5p-256
+# (data 16 x fsdp 8) that compiles to 10.58 GiB per chip (14.08 with attention_impl=xla), at seq
+# 8192 x batch 128 to 10.55. On 8 chips (v5p-16) add
+# `--config.mesh.data=1 --config.train.grad_accum_steps=16`: 12.11 GiB per chip.
 from keel_jax import config_lib
 
 
 def get_config(arg=None):
   cfg = config_lib.base_config()
   cfg.model.update(block="keel", num_layers=256, d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072,
-                   dtype="bfloat16", remat_policy="save_dots_no_batch")
+                   dtype="bfloat16", remat_policy="full", scan_groups=16, attention_impl="auto")
   cfg.data.update(source="prepared", prepared_dir="data/prepared", tokenizer="bpe", seq_len=4096,
                   batch_size=256, eval_batches=32)
   cfg.train.update(num_steps=100_000, lr=1e-3, warmup_steps=2500, lr_floor=1e-7, b1=0.9, b2=0.95,
-                   weight_decay=0.01, clip_norm=1.0, eval_every=2000, checkpoint_every=1000, log_every=50)
+                   weight_decay=0.01, clip_norm=1.0, eval_every=2000, checkpoint_every=1000, log_every=50,
+                   loss_chunk=512)
   cfg.mesh.update(data=-1, fsdp=8, tensor=1)
   config_lib.apply_arg(cfg, arg)
   return cfg
