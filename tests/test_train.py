@@ -137,4 +137,6 @@ def test_paper_configs_build_and_pass_eval_shape():
     model_cfg = config_lib.validate(cfg, vocab_size=32000)
     assert model_cfg.num_sublayers >= 64 and cfg.data.seq_len == 4096
     shapes = jax.eval_shape(lambda r: init_params(Decoder(model_cfg), r, seq_len=16), jax.random.key(0))
-    assert shapes["layers"]["attn"]["attn"]["q"]["kernel"].value.shape[0] == model_cfg.num_layers
+    grouped = bool(model_cfg.scan_groups)  # nested scan: [groups, blocks per group, ...]
+    q_shape = (shapes["layers"]["blocks"] if grouped else shapes["layers"])["attn"]["attn"]["q"]["kernel"].value.shape
+    assert int(np.prod(q_shape[:2 if grouped else 1])) == model_cfg.num_layers
