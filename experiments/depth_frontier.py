@@ -22,6 +22,7 @@ prod alpha / sqrt(alpha^2 + 1) with alpha = L).
 
   python experiments/depth_frontier.py --out out/depth_frontier --size cpu --part grid --publish docs/results
   python experiments/depth_frontier.py --out out/depth_frontier --size cpu --part deepest --publish docs/results
+  python experiments/depth_frontier.py --out out/depth_frontier --size cpu --part publish --publish docs/results
 
 Reruns reuse finished runs (a killed deepest run resumes from its checkpoint). `--publish DIR` writes
 DIR/depth_frontier.json (a `runs` list and the `deepest` entry, merged from both parts) and the PNGs.
@@ -66,7 +67,8 @@ def parse_args() -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="output directory: JSON per part, PNGs, runs/")
   p.add_argument("--size", default="cpu", choices=sorted(SETUPS), help="smoke: < 3 min (tests); cpu: this machine")
-  p.add_argument("--part", default="all", choices=["grid", "deepest", "all"])
+  p.add_argument("--part", default="all", choices=["grid", "deepest", "all", "publish"],
+                 help="publish: no runs, only the tables, PNGs and JSON from the runs finished so far")
   p.add_argument("--publish", default=None, help="also write depth_frontier.json and the PNGs here (docs/results)")
   p.add_argument("--fresh", action="store_true", help="ignore results already in --out and rerun every run")
   return p.parse_args()
@@ -245,7 +247,7 @@ def tables(s: dict, runs: list[dict], deepest: list[dict]) -> str:
     return rows
   flags = lambda rs: f"{len(rs)} seeds" + "".join(f", {sum(r[k] for r in rs)} {k}" for k in ("diverged", "stagnated")
                                                    if any(r[k] for r in rs))
-  ratio = lambda rs: (f"{np.exp(np.nanmean(np.log([r['grad_ratio'] for r in rs]))):.2g}"
+  ratio = lambda rs: (f"{np.exp(np.nanmean(np.log(common.nanify([r['grad_ratio'] for r in rs])))):.2g}"
                       + (f" / {rs[0]['predicted_grad_ratio']:.2g}" if rs[0]["predicted_grad_ratio"] is not None else ""))
   md = f"Best validation loss (nats/byte), LR {s['lr']:g}, mean (min-max) over seeds:\n\n" + head + cell_rows(
       lambda rs: spread([r["best_eval_loss"] for r in rs]))
@@ -266,9 +268,10 @@ def tables(s: dict, runs: list[dict], deepest: list[dict]) -> str:
            "| grad ratio / predicted | step s | peak RSS GiB | compile s | wall min |\n|" + "---|" * 11 + "\n")
     for r in deepest:
       pred = f"{r['predicted_grad_ratio']:.2g}" if r["predicted_grad_ratio"] is not None else "-"
-      md += (f"| {r['block']} | {r['sublayers']} | {r['steps_run']} | {r['final_train_loss']:.3f} | "
-             f"{r['unigram_entropy']:.3f} | {r['best_eval_loss']:.3f} | {r['grad_ratio']:.2g} / {pred} | "
-             f"{r['step_s']:.2f} | {r['peak_rss_gib']:.2f} | {r['compile_s']:.1f} | {r['wall_s'] / 60:.1f} |\n")
+      f = lambda k: float(r[k])  # non-finite numbers are stored as strings
+      md += (f"| {r['block']} | {r['sublayers']} | {r['steps_run']} | {f('final_train_loss'):.3f} | "
+             f"{f('unigram_entropy'):.3f} | {f('best_eval_loss'):.3f} | {f('grad_ratio'):.2g} / {pred} | "
+             f"{f('step_s'):.2f} | {f('peak_rss_gib'):.2f} | {f('compile_s'):.1f} | {f('wall_s') / 60:.1f} |\n")
   return md
 
 
@@ -311,7 +314,7 @@ def plots(s: dict, runs: list[dict], deepest: list[dict], out_dir: str, png) -> 
   axes[0][0].legend(fontsize=6)
   common.savefig(fig, png("curves")); written.append(png("curves"))
   # the theory overlay
-  fig, axes = common.figure()
+  fig, axes = common.figure(w=6, h=4.2)
   ax = axes[0][0]
   for b in s["blocks"]:
     rs = [r for r in main if r["block"] == b]
@@ -324,7 +327,7 @@ def plots(s: dict, runs: list[dict], deepest: list[dict], out_dir: str, png) -> 
   for r in deepest:
     ax.loglog([r["sublayers"]], common.nanify([r["grad_ratio"]]), "*", ms=9, color=common.block_color(r["block"]))
   ax.set(xlabel="sub-layers L", ylabel="grad norm block 1 / last block", ylim=(1e-30, 1e3),
-         title="end of training (stars: 10k runs); paper floored at 1e-30")
+         title="end of training; stars: deepest runs; paper's floored at 1e-30")
   ax.legend(fontsize=6)
   common.savefig(fig, png("grad_ratio")); written.append(png("grad_ratio"))
   # loss versus LR at the depths with several LRs
@@ -393,6 +396,14 @@ def publish(args, s: dict) -> None:
   print(md, flush=True)
 
 
+def safe_publish(args, s: dict, study) -> None:
+  """publish() between runs: a failure to draw or tabulate partial results is logged, never ends the grid."""
+  try:
+    publish(args, s)
+  except Exception as e:  # noqa: BLE001 - the runs matter more than an intermediate table
+    study.log(f"publish failed ({type(e).__name__}: {e}); the runs go on")
+
+
 def main() -> None:
   args = parse_args()
   s = SETUPS[args.size]
@@ -406,13 +417,13 @@ def main() -> None:
                                                    batch_size=s["batch_size"], num_steps=1, lr=lr, warmup_steps=0,
                                                    max_files=s["max_files"]).data)
       study.run(run_key(block, L, seed, lr), lambda: run_grid_one(study, s, entropy, block, L, seed, lr))
-      publish(args, s)
+      safe_publish(args, s, study)
   if args.part in ("deepest", "all"):
     study = common.Study("depth_frontier_deepest", argparse.Namespace(out=args.out, size=args.size, fresh=args.fresh),
                          {"arg": s["deepest"]["arg"]})
     for block in s["deepest"]["blocks"]:
       study.run(block, lambda: run_deepest_one(study, s, block))
-      publish(args, s)
+      safe_publish(args, s, study)
   publish(args, s)
   print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
 

@@ -38,6 +38,12 @@ def _plain(v):
   return v
 
 
+def significant(v, digits: int = 6) -> np.ndarray:
+  """`v` rounded to `digits` significant digits (not decimals: gradient norms of a deep stack go far below
+  1e-6 and must not become 0), for compact records."""
+  return np.array([float(f"{x:.{digits}g}") for x in np.asarray(v, np.float64).ravel()]).reshape(np.shape(v))
+
+
 def read_records(workdir) -> list[dict]:
   path = paths.path(workdir) / "metrics.jsonl"
   if not path.exists():

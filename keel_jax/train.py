@@ -23,7 +23,7 @@ from keel_jax import attention_impls, config_lib, data, paths, sharding
 from keel_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
 from keel_jax.errors import EXIT_BAD_INPUT, ConfigError, DataError
 from keel_jax.loss import LossOptions
-from keel_jax.metrics import MetricsWriter
+from keel_jax.metrics import MetricsWriter, significant
 from keel_jax.model import Decoder, param_table
 from keel_jax.model_config import NON_PARAMETER_FIELDS
 from keel_jax.optimizer import lr_schedule, make_optimizer
@@ -249,7 +249,7 @@ class Loop:
     if step % t.log_every == 0 or step == t.num_steps:
       rec = {k: m[k] for k in ("loss", "lr", "grad_norm", "update_norm", "param_norm", "z_loss") if k in m}
       rec.update(tokens_per_sec=tps, skipped=int(m["skipped"]),  # non-finite updates skipped so far
-                 sublayer_grad_norm=np.round(m["sublayer_grad_norm"], 6))
+                 sublayer_grad_norm=significant(m["sublayer_grad_norm"]))
       self.writer.write(step, "train", rec)
       if bar is None and self.is_main:
         t0, step0 = self.run_start  # ETA from this run's average pace (includes compile and eval time)
@@ -257,7 +257,7 @@ class Loop:
         self.log(f"step {step}/{t.num_steps}: loss {loss:.4f} lr {float(m['lr']):.2e} "
                  f"grad_norm {float(m['grad_norm']):.3f} tok/s {tps:,.0f} eta {eta / 60:.1f} min")
     if "branch_ratio" in m:  # per-sub-layer telemetry, [L] each (train.telemetry_every)
-      self.writer.write(step, "telemetry", {k: m[k] for k in TELEMETRY})
+      self.writer.write(step, "telemetry", {k: significant(m[k]) for k in TELEMETRY})
 
   def on_nonfinite(self, step, m) -> None:
     bad = "loss" if not math.isfinite(float(m["loss"])) else (
