@@ -30,6 +30,7 @@ DIR/depth_frontier.json (a `runs` list and the `deepest` entry, merged from both
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -45,7 +46,7 @@ from gradient_flow import low_high, paper_prediction
 from max_lr import find_divergence
 
 SETUPS = {
-    "smoke": dict(blocks=["keel", "post_ln"], sublayers=[4], seeds=[0, 1], lr=3e-3,
+    "smoke": dict(blocks=["keel"], sublayers=[4], seeds=[0, 1], lr=3e-3,
                   extra_lrs={4: [1e-2]}, d_model=16, seq_len=16, batch_size=4, steps=12, warmup=2,
                   eval_every=6, max_files=40, telemetry_every=0,
                   deepest=dict(blocks=["keel"], arg="num_layers=8,scan_groups=2,num_steps=8,warmup_steps=2,"
@@ -70,6 +71,9 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--part", default="all", choices=["grid", "deepest", "all", "publish"],
                  help="publish: no runs, only the tables, PNGs and JSON from the runs finished so far")
   p.add_argument("--publish", default=None, help="also write depth_frontier.json and the PNGs here (docs/results)")
+  p.add_argument("--seeds", default=None,
+                 help="grid: run only these seeds (comma-separated) in a study file of their own, so that "
+                 "several processes can share the grid; the default (every seed) and any set with seed 0 use the main file")
   p.add_argument("--fresh", action="store_true", help="ignore results already in --out and rerun every run")
   return p.parse_args()
 
@@ -365,7 +369,9 @@ def plot_deepest(deepest: list[dict], png) -> list[str]:
 def publish(args, s: dict) -> None:
   """Merges both parts' results into the tables, the PNGs and (with --publish) the committed JSON."""
   from keel_jax import plot_telemetry
-  grid = load_part(args.out, "depth_frontier_grid")
+  grid = {}
+  for path in sorted(glob.glob(os.path.join(args.out, "depth_frontier_grid*.json"))):  # the main file and --seeds files
+    grid.update(load_part(args.out, os.path.basename(path)[:-len(".json")]))
   deep = load_part(args.out, "depth_frontier_deepest")
   runs = [grid[run_key(*k)] for k in grid_runs(s) if run_key(*k) in grid]
   deepest = [deep[b] for b in s["deepest"]["blocks"] if b in deep]
@@ -408,10 +414,14 @@ def main() -> None:
   args = parse_args()
   s = SETUPS[args.size]
   if args.part in ("grid", "all"):
-    study = common.Study("depth_frontier_grid", argparse.Namespace(out=args.out, size=args.size, fresh=args.fresh),
+    seeds = None if args.seeds is None else {int(x) for x in args.seeds.split(",")}
+    name = "depth_frontier_grid" + ("" if seeds is None or 0 in seeds else "_seeds" + "_".join(map(str, sorted(seeds))))
+    study = common.Study(name, argparse.Namespace(out=args.out, size=args.size, fresh=args.fresh),
                          {k: s[k] for k in RUN_SETUP})
     entropy = None
     for block, L, seed, lr in grid_runs(s):
+      if seeds is not None and seed not in seeds:
+        continue
       if run_key(block, L, seed, lr) not in study.result["runs"] and entropy is None:
         entropy = data_entropy(common.small_config(block=block, sub_layers=L, d_model=s["d_model"], seq_len=s["seq_len"],
                                                    batch_size=s["batch_size"], num_steps=1, lr=lr, warmup_steps=0,

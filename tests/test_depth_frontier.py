@@ -39,10 +39,10 @@ def test_smoke_size_writes_runs_deepest_and_plots_and_reuses_finished_runs(tmp_p
   cmd = [sys.executable, os.path.join(REPO, "experiments", "depth_frontier.py"), "--out", str(out),
          "--size", "smoke", "--publish", str(pub)]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
   doc = json.load(open(pub / "depth_frontier.json"))
-  assert len(doc["runs"]) == 6  # keel, post_ln x 2 seeds at the main LR + one more LR each
+  assert len(doc["runs"]) == 3  # keel x 2 seeds at the main LR + one more LR
   for r in doc["runs"]:
     for k in ("block", "sublayers", "seed", "lr", "steps", "final_train_loss", "best_eval_loss"):
       assert k in r, k
@@ -54,7 +54,7 @@ def test_smoke_size_writes_runs_deepest_and_plots_and_reuses_finished_runs(tmp_p
   assert 2.0 < d["unigram_entropy"] < math.log(257) and d["peak_rss_gib"] > 0.1 and d["compile_s"] > 0
   for stem in ("loss_vs_depth", "curves", "grad_ratio", "loss_vs_lr", "deepest", "telemetry_keel_16"):
     assert (pub / f"depth_frontier_{stem}.png").stat().st_size > 1000, stem
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
   again = json.load(open(pub / "depth_frontier.json"))
   assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in doc["runs"]]
