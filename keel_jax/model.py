@@ -70,7 +70,7 @@ class Decoder(nn.Module):
                return_hidden=False):
     """segment_ids_BxT: document ids of packed rows (attention never crosses a document), or None.
     return_hidden: the top hidden state h_BxTxD (compute dtype) instead of the logits, for
-    `chunked_lm_loss`, which applies the output projection a chunk at a time."""
+    `keel_jax.loss.chunked_cross_entropy`, which applies the output projection a chunk at a time."""
     c = self.cfg
     B, T = tokens_BxT.shape
     if positions_BxT is None:
