@@ -6,7 +6,7 @@
 # Memory defaults are the best-fitting choices `python -m keel_jax.aot` found (docs/PERFORMANCE.md, long
 # sequences): remat 'full' + nested scan of 16 groups (the float32 residual stream kept), the loss in
 # chunks of 512 positions, attention 'auto' (splash on TPU, cuDNN via dot_product on GPU). On v5p-256
-# (data 16 x fsdp 8) that compiles to 10.58 GiB per chip (14.08 with attention_impl=xla), at seq
+# (data 16 x fsdp 8) that compiles to 10.58 GiB per chip (11.57 with attention_impl=xla), at seq
 # 8192 x batch 128 to 10.55. On 8 chips (v5p-16) add
 # `--config.mesh.data=1 --config.train.grad_accum_steps=16`: 12.11 GiB per chip.
 from keel_jax import config_lib
