@@ -127,7 +127,12 @@ def table(path: str) -> str:
   results = json.load(open(path))
   lines = ["| block | sub-layers | slice | chips | fits (batch 256) | best variant found | mesh (data x fsdp) | remat | "
            "per-chip GiB / HBM | compile s | MFU ceiling |", "|" + "---|" * 11]
-  for key, e in results["entries"].items():
+  def order(key):
+    row, topology = key.split()
+    return (ROWS.index(row) if row in ROWS else len(ROWS), tpu_slices.parse(topology).chips, topology)
+
+  for key in sorted(results["entries"], key=order):
+    e = results["entries"][key]
     row, topology = key.split()
     block, sublayers = row.split("/")
     slc = tpu_slices.parse(topology)
@@ -146,8 +151,10 @@ def table(path: str) -> str:
       lines.append(f"| {block} | {sublayers} | {topology} | {slc.chips} | no | none of {len(e['tried'])} tried"
                    f"{' (not finished)' if not e.get('done') else ''} | | | "
                    f"{least} / {slc.gen.hbm_bytes / GiB:.0f} | | |")
-  commits = sorted({t["commit"] for e in results["entries"].values() for t in e["tried"].values()})
-  lines += ["", f"Measured at commit {', '.join(commits)}, train step, `model.norm_impl=pallas`. "
+  rebased = results.get("rebased", {})
+  commits = sorted({rebased.get(t["commit"], t["commit"]) for e in results["entries"].values()
+                    for t in e["tried"].values()})
+  lines += ["", f"Measured at commits {', '.join(commits)} (train step, `model.norm_impl=pallas`). "
             + smallest_slice(results)]
   return "\n".join(lines)
 
@@ -171,10 +178,9 @@ def smallest_slice(results: dict) -> str:
   for row in sorted({f[2] for f in fits}):
     chips, topology, _, overrides = min(f for f in fits if f[2] == row)
     block, sublayers = row.split("/")
-    arg = config_arg({"block": block, **({"num_layers": int(sublayers) // 2} if sublayers != "512" else {}),
-                      **overrides})
-    out.append(f"{block} {sublayers}: {topology} ({chips} chips), "
-               f"`--config configs/paper_keel_512.py:{arg}`")
+    arg = config_arg({**({"block": block} if block != "keel" else {}),
+                      **({"num_layers": int(sublayers) // 2} if sublayers != "512" else {}), **overrides})
+    out.append(f"{block} {sublayers}: {topology} ({chips} chips), `--config {CONFIG}{':' + arg if arg else ''}`")
   return "Smallest measured slice that trains it at batch 256: " + "; ".join(out) + "."
 
 

@@ -109,7 +109,7 @@ def test_tpu_fit_tries_variants_by_mfu_ceiling_and_tabulates_the_json(tmp_path):
   table = tpu_fit.table(str(path))
   assert "| keel | 512 | v5p-256 | 128 | yes | shipped | 16 x 8 | save_dots_no_batch | 70.0 / 95 | 100 | 70% |" in table
   assert "| keel | 512 | v5p-16 | 8 | no | none of 1 tried | | | 200.0 (least tried) / 95 | | |" in table
-  assert "keel 512: v5p-256 (128 chips), `--config configs/paper_keel_512.py:block=keel`" in table
+  assert "keel 512: v5p-256 (128 chips), `--config configs/paper_keel_512.py`" in table
 
 
 @pytest.mark.slow
