@@ -6,7 +6,7 @@
 
 For each row (block x sub-layers) and slice, variants of configs/paper_keel_512.py are compiled in
 order, each in its own `python -m keel_jax.aot --steps=train --json` process, until one fits:
-  1. the shipped config (mesh data=-1 x fsdp=8, remat save_dots_no_batch);
+  1. the config as shipped (its mesh, remat policy and scan);
   2. fsdp over every chip (data=1), same remat;
   3. that with remat 'full';
   4. that with the nested scan (model.scan_groups = 16, or 32 at 1024 sub-layers);
