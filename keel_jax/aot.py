@@ -150,9 +150,8 @@ def compile_steps(cfg, slc, steps=STEPS, log=lambda s: None) -> list[StepReport]
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from keel_jax import attention_impls, generate, sharding
+  from keel_jax import attention_impls, sharding
   from keel_jax.loss import LossOptions
   from keel_jax.model import Decoder
   from keel_jax.optimizer import lr_schedule, make_optimizer
