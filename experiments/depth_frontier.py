@@ -279,7 +279,7 @@ def tables(s: dict, runs: list[dict], deepest: list[dict]) -> str:
   return md
 
 
-def plots(s: dict, runs: list[dict], deepest: list[dict], out_dir: str, png) -> list[str]:
+def plots(s: dict, runs: list[dict], deepest: list[dict], png) -> list[str]:
   written = []
   main = [r for r in runs if r["lr"] == s["lr"]]
   Ls = sorted({r["sublayers"] for r in main})
@@ -379,7 +379,7 @@ def publish(args, s: dict) -> None:
   for d in dirs:
     os.makedirs(d, exist_ok=True)
   png = lambda stem: os.path.join(args.out, f"depth_frontier_{stem}.png")
-  written = plots(s, runs, deepest, args.out, png) + plot_deepest(deepest, png)
+  written = plots(s, runs, deepest, png) + plot_deepest(deepest, png)
   for r in deepest:  # depth x step heatmaps of the deepest runs' telemetry
     wd = os.path.join(args.out, "runs", "depth_frontier_deepest", r["block"])
     if os.path.exists(os.path.join(wd, "metrics.jsonl")):
