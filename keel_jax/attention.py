@@ -55,11 +55,15 @@ def dense(features, axes, init_std, dtype, name, in_axis=-1):
 class Attention(nn.Module):
   """F_attn: x_BxTxD -> BxTxD. `vo_init_scale` scales V/O init (DeepNorm's beta).
 
-  With `decode=True` the keys, values and positions go to a 'cache' collection of length
-  max_seq_len, written at the running slot index, and the queries attend to every cached key whose
-  position is <= their own; prefill and one-token steps share this path. A negative position marks
-  padding (e.g. left-padded prompts, keel_jax/generate.py): such keys are never attended, in either
-  path; empty cache slots hold position -1 for the same reason.
+  A query at position q attends to the keys at positions q - max_seq_len < k <= q: causal, within
+  a sliding window as wide as the training context (which any training window fits, so training is
+  plain causal attention). A negative position marks padding (e.g. left-padded prompts,
+  keel_jax/generate.py): such keys are never attended.
+
+  With `decode=True` the keys, values and positions go to a 'cache' collection of max_seq_len slots
+  used as a ring buffer: token i of the running index is written at slot i % max_seq_len, so the
+  cache always holds the last max_seq_len tokens, exactly the window, and generation can go on past
+  the training context. Prefill and one-token steps share this path; empty slots hold position -1.
   """
   cfg: ModelConfig
   vo_init_scale: float = 1.0
@@ -85,11 +89,11 @@ class Attention(nn.Module):
       cpos = self.variable("cache", "positions", lambda: jnp.full((B, S), -1, jnp.int32))
       idx = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
       if not self.is_initializing():
-        i = idx.value
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k_BxSxKxDh.astype(dt), (0, i, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v_BxSxKxDh.astype(dt), (0, i, 0, 0))
-        cpos.value = jax.lax.dynamic_update_slice(cpos.value, positions_BxT.astype(jnp.int32), (0, i))
-        idx.value = i + T
+        slots_T = (idx.value + jnp.arange(T)) % S  # T <= S: a prompt is at most one window
+        ck.value = ck.value.at[:, slots_T].set(k_BxSxKxDh.astype(dt))
+        cv.value = cv.value.at[:, slots_T].set(v_BxSxKxDh.astype(dt))
+        cpos.value = cpos.value.at[:, slots_T].set(positions_BxT.astype(jnp.int32))
+        idx.value = idx.value + T
       # Slots are not positions: a left-padded row's tokens sit at later slots than their positions.
       k_BxSxKxDh, v_BxSxKxDh, k_pos_BxS = ck.value, cv.value, cpos.value
 
@@ -102,10 +106,10 @@ class Attention(nn.Module):
       impl = "xla"
     if self.decode:
       out_BxTxHxDh = attention_impls.attend_cached(impl, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_pos_BxT,
-                                                   k_pos_BxS, sow)
+                                                   k_pos_BxS, sow, window=c.max_seq_len)
     else:
       out_BxTxHxDh = attention_impls.attend(impl, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, positions_BxT,
-                                            segments_BxT, sow)
+                                            segments_BxT, sow, window=c.max_seq_len)
     return dense(c.d_model, ("heads", "kv", "embed"), c.init_std * self.vo_init_scale, dt, "o",
                  in_axis=(-2, -1))(out_BxTxHxDh)
 

@@ -65,10 +65,13 @@ def resolve(impl: str, platform: str, seq_len: int, log: Callable[[str], None] |
   return choice
 
 
-def causal_mask(q_index_BxT, k_index_BxS, k_pos_BxS, segments=None) -> jax.Array:
-  """bool [B, T, S]: key index <= query index, key position >= 0, same segment if given.
-  `segments` = (q_segments_BxT, k_segments_BxS)."""
-  visible = (k_index_BxS[:, None, :] <= q_index_BxT[:, :, None]) & (k_pos_BxS[:, None, :] >= 0)
+def causal_mask(q_index_BxT, k_index_BxS, k_pos_BxS, segments=None, window: int = 0) -> jax.Array:
+  """bool [B, T, S]: key index <= query index, key position >= 0, same segment if given, and (window
+  > 0) query index - key index < window: the sliding window. `segments` = (q_segments_BxT, k_segments_BxS)."""
+  offset_BxTxS = q_index_BxT[:, :, None] - k_index_BxS[:, None, :]
+  visible = (offset_BxTxS >= 0) & (k_pos_BxS[:, None, :] >= 0)
+  if window:
+    visible &= offset_BxTxS < window
   if segments is not None:
     q_seg, k_seg = segments
     visible &= k_seg[:, None, :] == q_seg[:, :, None]
@@ -117,9 +120,10 @@ def dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible_BxTxS=None
 
 
 def attend(impl: str, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, positions_BxT, segments_BxT=None,
-           sow=None) -> jax.Array:
+           sow=None, window: int = 0) -> jax.Array:
   """Training / full-sequence attention (S = T, causal by index) with `impl` (resolved, not 'auto').
-  `segments_BxT`: document ids of packed sequences (None: one document per row)."""
+  `segments_BxT`: document ids of packed sequences (None: one document per row). `window` > 0: each
+  query sees only the last `window` keys (a no-op for sequences no longer than it; splash ignores it)."""
   if impl == "splash":
     from keel_jax.kernels import splash
     return splash.splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segments_BxT,
@@ -128,19 +132,20 @@ def attend(impl: str, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, positions_BxT, segment
   index_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
   segments = None if segments_BxT is None else (segments_BxT, segments_BxT)
   if impl == "dot_product":
-    plain = segments is None  # training positions are never negative: plain causal is exact
-    visible = None if plain else causal_mask(index_BxT, index_BxT, positions_BxT, segments)
+    plain = segments is None and not (window and T > window)  # training positions are never negative
+    visible = None if plain else causal_mask(index_BxT, index_BxT, positions_BxT, segments, window)
     return dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible)
   if impl != "xla":
     raise ConfigError("model.attention_impl", impl, "a resolved impl: one of ('xla', 'dot_product', 'splash')")
-  visible = causal_mask(index_BxT, index_BxT, positions_BxT, segments)
+  visible = causal_mask(index_BxT, index_BxT, positions_BxT, segments, window)
   return xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible, sow)
 
 
-def attend_cached(impl: str, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_pos_BxT, k_pos_BxS, sow=None) -> jax.Array:
-  """KV-cache decode: T new queries against S cache slots, causal by position (splash, a training
-  kernel, decodes with xla)."""
-  visible = causal_mask(q_pos_BxT, k_pos_BxS, k_pos_BxS)
+def attend_cached(impl: str, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_pos_BxT, k_pos_BxS, sow=None,
+                  window: int = 0) -> jax.Array:
+  """KV-cache decode: T new queries against S cache slots, causal by position within `window`
+  (splash, a training kernel, decodes with xla)."""
+  visible = causal_mask(q_pos_BxT, k_pos_BxS, k_pos_BxS, window=window)
   if impl == "dot_product":
     return dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible)
   return xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible, sow)

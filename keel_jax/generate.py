@@ -10,11 +10,16 @@ through the decode=True model once (prefill, which creates and fills the cache),
 over the new tokens whose body is the one-token decode step. The model itself scans over depth (cfg.scan_layers), with each layer's cache slice carried
 along the layer axis, so the decode step is one compiled scan over depth.
 
+Sliding window: every token attends to the last `window = cfg.max_seq_len` tokens (the training
+data.seq_len; keel_jax/attention.py), and the cache is a ring buffer of that many slots, so any
+number of new tokens can be generated: past the training context the oldest tokens drop out of
+the window. A prompt longer than the window keeps its last `window` tokens (`fit_prompts` says so
+in a one-line notice). Rotary embeddings make attention depend on relative positions only, so
+absolute positions past the context see the distances training saw.
+
 Batches of prompts of different lengths are LEFT-PADDED to the longest, with per-row positions:
 row b's real tokens get positions 0, 1, ... and its pad tokens position -1, which attention treats
-as padding and never attends to (keel_jax/attention.py). Every row therefore computes exactly what
-it would alone; all rows share the cache's slot index, so the longest prompt plus max_new_tokens
-must fit in cfg.max_seq_len (the training data.seq_len) cache slots.
+as padding and never attends to. Every row therefore computes exactly what it would alone.
 
 Sampling (`Sampling`): temperature 0 is greedy (argmax; top-k/top-p are then irrelevant). Otherwise
 logits / temperature, then top-k (keep the k largest; 0 = off), then top-p (keep the smallest set
@@ -33,6 +38,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from keel_jax.model import Decoder
 from keel_jax.model_config import ModelConfig
@@ -42,7 +48,7 @@ PAD_POSITION = -1
 
 
 class PromptError(ValueError):
-  """A prompt that cannot be generated from: empty, or too long for the model's context."""
+  """A prompt that cannot be generated from (empty), or a number of new tokens < 1."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +72,7 @@ GREEDY = Sampling(temperature=0.0)
 class Generation(NamedTuple):
   tokens_BxN: np.ndarray  # int32 new tokens (eos included, nothing cut)
   logits_BxNxV: np.ndarray | None  # float32 model logits each token was drawn from (return_logits)
+  window: int  # tokens each new token attended to at most (the model's max_seq_len)
 
 
 # ---- sampling ------------------------------------------------------------------------------------
@@ -118,16 +125,19 @@ def pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarra
   return tokens, positions
 
 
-def check_length(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> None:
-  """PromptError unless the (longest) prompt and the new tokens fit the cache / context."""
+def fit_prompts(prompts: Sequence[Sequence[int]], window: int) -> tuple[list[list[int]], str | None]:
+  """Each prompt cut to its last `window` tokens; and a one-line notice when any was cut, else None."""
+  longest = max((len(p) for p in prompts), default=0)
+  fitted = [list(p)[-window:] for p in prompts]
+  if longest <= window:
+    return fitted, None
+  return fitted, (f"prompt of {longest} tokens truncated from the left to the model's window of "
+                  f"{window} tokens (its training context)")
+
+
+def check_new_tokens(max_new_tokens: int) -> None:
   if max_new_tokens < 1:
     raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if prompt_len + max_new_tokens > max_seq_len:
-    raise PromptError(
-        f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} "
-        f"exceeds the model's context of {max_seq_len} tokens (data.seq_len it was trained with); "
-        + (f"use at most {max_seq_len - prompt_len} new tokens or a shorter prompt" if prompt_len < max_seq_len
-           else f"shorten the prompt to fewer than {max_seq_len} tokens"))
 
 
 # ---- the compiled loop ---------------------------------------------------------------------------
@@ -140,7 +150,7 @@ def _compiled(model_cfg: ModelConfig, max_new_tokens: int, return_logits: bool):
 
   def run(params, tokens_BxP, positions_BxP, rng, *settings):
     # Prefill. No cache is passed in: with 'cache' mutable, the attention layers create theirs
-    # (max_seq_len slots, per layer along the scanned axis) and write the prompt into it.
+    # (a ring buffer of max_seq_len slots, per layer along the scanned axis) and write the prompt.
     logits_BxPxV, mut = model.apply({"params": params}, tokens_BxP, positions_BxP, mutable=["cache"])
     first_logits_BxV = logits_BxPxV[:, -1]  # every row's last prompt token is at the last slot
     first_B = sample_next(first_logits_BxV, jax.random.fold_in(rng, 0), *settings)
@@ -167,20 +177,24 @@ def _compiled(model_cfg: ModelConfig, max_new_tokens: int, return_logits: bool):
 def generate(model: Decoder, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: Sampling = GREEDY, seed: int = 0, vocab_limit: int | None = None,
              return_logits: bool = False) -> Generation:
-  """Continues each prompt (a sequence of token ids) by `max_new_tokens` tokens.
+  """Continues each prompt (a sequence of token ids) by `max_new_tokens` tokens, any number.
 
   `model` may be built with decode True or False (its config is what counts). `params` are the
-  plain (unboxed) params. Raises PromptError for an empty prompt or one that does not fit.
+  plain (unboxed) params. A prompt longer than the window (cfg.max_seq_len) keeps its last tokens,
+  with a logged warning. Raises PromptError for an empty prompt or max_new_tokens < 1.
   """
   cfg = model.cfg
+  check_new_tokens(max_new_tokens)
+  prompts, notice = fit_prompts(prompts, cfg.max_seq_len)
+  if notice:
+    logging.warning(notice)
   tokens_BxP, positions_BxP = pad_prompts(prompts)
-  check_length(tokens_BxP.shape[1], max_new_tokens, cfg.max_seq_len)
   limit = cfg.vocab_size if vocab_limit is None else min(vocab_limit, cfg.vocab_size)
   fn = _compiled(cfg, int(max_new_tokens), bool(return_logits))
   settings = (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
               np.int32(limit))
   tokens, logits = fn(params, tokens_BxP, positions_BxP, jax.random.key(seed), *settings)
-  return Generation(np.asarray(tokens), None if logits is None else np.asarray(logits))
+  return Generation(np.asarray(tokens), None if logits is None else np.asarray(logits), cfg.max_seq_len)
 
 
 def cut_at_eos(tokens_N: Sequence[int], eos_id: int) -> list[int]:

@@ -8,8 +8,10 @@ end of the document) unless `--nostop_at_eos`. An empty prompt starts a new docu
 Synthetic-task runs take prompts as whitespace-separated token ids.
 
 Defaults sample from the model's own distribution (temperature 1, no top-k/top-p); temperature 0
-is greedy. Bad input (no checkpoint, a prompt the tokenizer cannot encode, a prompt plus
-max_new_tokens longer than the model's context) exits with status 2 and a message on stderr.
+is greedy. Any number of new tokens can be generated: each token attends to the last data.seq_len
+tokens (a sliding window, stated on stderr); a longer prompt keeps its last data.seq_len tokens,
+with a one-line notice. Bad input (no checkpoint, a prompt the tokenizer cannot encode,
+max_new_tokens < 1) exits with status 2 and a message on stderr.
 """
 from __future__ import annotations
 
@@ -22,12 +24,10 @@ from keel_jax.errors import EXIT_BAD_INPUT, ConfigError, DataError
 from keel_jax.load import RunError, define_override_flags, load_run, overrides_from_flags
 from keel_jax.tokenizer import can_encode
 
-DEFAULT_MAX_NEW = 200  # when --max_new_tokens is not given: this many, or what the context leaves
-
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/, tokenizer/)")
 _PROMPT = flags.DEFINE_multi_string("prompt", [""], "Prompt text; repeat the flag for a batch of prompts")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate (default: "
-                                f"{DEFAULT_MAX_NEW} or what the context leaves)")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate, any number: past "
+                                "the training context a sliding window over the last data.seq_len tokens")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = off")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off")
@@ -70,15 +70,19 @@ def main(argv) -> None:
     sampling = gen.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     run = load_run(_WORKDIR.value, _STEP.value, overrides_from_flags())
     prompts = [encode_prompt(run.tokenizer, p) for p in _PROMPT.value]
-    longest, context = max(len(p) for p in prompts), run.model_cfg.max_seq_len
-    max_new = _MAX_NEW.value if _MAX_NEW.value is not None else min(DEFAULT_MAX_NEW, context - longest)
-    gen.check_length(longest, max_new, context)
+    gen.check_new_tokens(_MAX_NEW.value)
   except (RunError, ConfigError, DataError, gen.PromptError, BadInput, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 
+  window = run.model_cfg.max_seq_len
+  prompts, notice = gen.fit_prompts(prompts, window)
+  if notice:
+    print(f"note: {notice}", file=sys.stderr)
+  print(f"sliding window: each token attends to the last {window} tokens (the training context)",
+        file=sys.stderr)
   with run.context():
-    out = gen.generate(run.model, run.params, prompts, max_new, sampling, seed=_SEED.value,
+    out = gen.generate(run.model, run.params, prompts, _MAX_NEW.value, sampling, seed=_SEED.value,
                        vocab_limit=run.tokenizer.vocab_size)
   for i, tokens in enumerate(out.tokens_BxN):
     ids = gen.cut_at_eos(tokens, run.tokenizer.eos_id) if _STOP.value else [int(t) for t in tokens]

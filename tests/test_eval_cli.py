@@ -36,13 +36,16 @@ def last_eval(workdir) -> dict:
 def test_load_run_and_sample_cli_greedy(workdir):
   run = load_run(workdir)
   assert run.step == 10 and run.model_cfg.num_layers == 2 and run.tokenizer.kind == "byte"
-  prompts = ["def f(x):", "import"]
-  proc = run_module("keel_jax.sample", "--workdir", workdir, "--temperature", "0", "--max_new_tokens", "8",
+  # Past the context of 32: a 42-byte prompt keeps its last 32 bytes, then 40 new tokens.
+  prompts = ["def f(x):", "import " * 6]
+  proc = run_module("keel_jax.sample", "--workdir", workdir, "--temperature", "0", "--max_new_tokens", "40",
                     "--nostop_at_eos", *sum((["--prompt", p] for p in prompts), []))
-  ids = [list(run.tokenizer.encode(p)) for p in prompts]
-  want = generate(run.model, run.params, ids, 8, GREEDY, vocab_limit=run.tokenizer.vocab_size).tokens_BxN
+  ids = [list(run.tokenizer.encode(p))[-32:] for p in prompts]
+  want = generate(run.model, run.params, ids, 40, GREEDY, vocab_limit=run.tokenizer.vocab_size).tokens_BxN
   expected = "".join(f"--- sample {i} ---\n{run.tokenizer.decode(t)}\n" for i, t in enumerate(want))
   assert proc.stdout == expected
+  assert "prompt of 42 tokens truncated from the left to the model's window of 32 tokens" in proc.stderr
+  assert "attends to the last 32 tokens" in proc.stderr
   with pytest.raises(RunError, match="steps available: \\[10\\]"):
     load_run(workdir, step=3)
 
@@ -103,7 +106,7 @@ def test_no_checkpoint(workdir, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--prompt", "caf\udcff"], "cannot encode: U+DCFF"),  # invalid UTF-8 in argv -> lone surrogate
-    (["--prompt", "abc", "--max_new_tokens", "30"], "exceeds the model's context of 32 tokens"),
+    (["--prompt", "abc", "--max_new_tokens", "0"], "max_new_tokens must be >= 1"),
 ])
 def test_sample_bad_input(workdir, args, message):
   before = listing(workdir)
