@@ -1,4 +1,4 @@
-"""Lowest / highest sub-layer gradient-norm ratio, at init and after training (issue 2 note); prints JSON.
+"""Lowest / highest sub-layer gradient-norm ratio, at init and after training; prints JSON.
 
   python benchmarks/grad_ratio.py            # post_ln, pre_ln, keel at 64 sub-layers, 100 steps (~5 min)
   python benchmarks/grad_ratio.py --small    # seconds-long smoke run
@@ -6,7 +6,8 @@
 g = keel_jax.diagnostics.sublayer_grad_norms(model, params, batch): the L2 norm of the LM-loss
 gradient w.r.t. each sub-layer's parameters, in depth order attn_0, ffn_0, attn_1, ..., ffn_{B-1}
 (L = 2B entries), on one fixed validation batch of the embedded default corpus (stdlib, bytes).
-Ratios reported (all "low over high", 1 = flat, << 1 = vanishing at the bottom):
+Ratios reported (all "low over high", 1 = flat, << 1 = vanishing at the bottom; the block ratios are
+keel_jax.diagnostics.gradient_ratio):
   low_high   = sqrt(g[0] g[1]) / sqrt(g[L-2] g[L-1])   lowest block's two sub-layers over the highest's
                (geometric means); the headline number.
   first_last = g[0] / g[L-1]                             first attention over last FFN.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -29,14 +29,13 @@ import numpy as np
 
 import bench_util as bu
 from keel_jax import data
-from keel_jax.diagnostics import sublayer_grad_norms
+from keel_jax.diagnostics import gradient_ratio, sublayer_grad_norms
 
 
 def ratios(g) -> dict[str, float]:
   g = np.asarray(g, np.float64)
-  gm = lambda i, j: math.sqrt(g[i] * g[j])
-  return {"low_high": gm(0, 1) / gm(-2, -1), "first_last": g[0] / g[-1],
-          "block1_high": gm(2, 3) / gm(-2, -1) if len(g) >= 4 else float("nan")}
+  return {"low_high": gradient_ratio(g, low_block=0), "first_last": g[0] / g[-1],
+          "block1_high": gradient_ratio(g, low_block=1)}
 
 
 def run_block(block: str, a, token_data) -> dict:

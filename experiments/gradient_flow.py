@@ -6,8 +6,8 @@ keel_jax.train, params loaded from its checkpoint), the branch/shortcut RMS rati
 at both points, and the low/high ratio along training from the trainer's per-step records. The table
 also gives min/max: the smallest over the largest sub-layer norm above block 0.
 
-Low/high ratio: geometric mean of block 1's two sub-layer norms over that of the last block's. Block
-0 is left out because Keel's first sub-layers follow their own rule (alpha 1, v2: no outer norm on the
+Low/high ratio (keel_jax.diagnostics.gradient_ratio): geometric mean of block 1's two sub-layer norms
+over that of the last block's. Block 0 is left out because Keel's first sub-layers follow their own rule (alpha 1, v2: no outer norm on the
 first attention). Predictions drawn beside it: the paper's `2^(-L/2)` (Post-LN) and
 `(1 + 1/alpha^2)^(-L/2)` (Keel, alpha = L), which assume branch and shortcut of equal size, and a
 "ratio-corrected" one, prod over the post-norm sub-layers above block 1 of (1 + r_l^2)^(-1/2) with the
@@ -30,7 +30,7 @@ SETUPS = {
     "cpu": dict(depths=[16, 64, 256, 1024], d_model=32, seq_len=32, batch_size=8, steps=50, lr=3e-3,
                 warmup=10, blocks=list(common.BLOCKS), max_files=200, train_max_depth=256,
                 deep_blocks=["pre_ln", "post_ln", "keel"]),
-    # DESIGN.md's model (d_model 1024, seq 4096, bf16) at each depth, measured at the end of warmup.
+    # The paper's model (docs/DESIGN.md section 2.8: d_model 1024, seq 4096, bf16) at each depth, measured at the end of warmup.
     "paper": dict(depths=[16, 64, 256, 1024], steps=2500, blocks=list(common.BLOCKS)),
 }
 
@@ -43,14 +43,6 @@ def make_config(size: str, s: dict, block: str, depth: int):
                              batch_size=s["batch_size"], num_steps=s["steps"], lr=s["lr"],
                              warmup_steps=s["warmup"], max_files=s["max_files"], eval_batches=1,
                              log_every=max(s["steps"] // 50, 1))
-
-
-def low_high(g) -> float:
-  g = np.asarray(g, np.float64)
-  if len(g) < 4:
-    return float("nan")
-  lo, hi = np.sqrt(g[2] * g[3]), np.sqrt(g[-2] * g[-1])
-  return float(lo / hi) if hi > 0 else float("nan")
 
 
 def min_max(g) -> float:
@@ -77,15 +69,15 @@ def paper_prediction(block: str, depth: int) -> float | None:
 def make_measure(model):
   """One jitted function for both diagnostics, compiled once per run and used at init and after training."""
   import jax
-  from keel_jax import blocks, diagnostics
+  from keel_jax import block_rules, diagnostics
   both = jax.jit(lambda p, b: (diagnostics.sublayer_grad_norms(model, p, b),
                                diagnostics.sublayer_branch_ratios(model, p, b[:, :-1])))
-  post = blocks.sublayer_schedule(model.cfg)["post"].reshape(-1)
+  post = block_rules.sublayer_schedule(model.cfg)["post"].reshape(-1)
 
   def measure(params, batch) -> dict:
     grads, ratios = both(params, batch)
     g, r = np.asarray(grads, np.float64), np.asarray(ratios, np.float64)
-    return {"grad_norm": g, "branch_ratio": r, "low_high": low_high(g),
+    return {"grad_norm": g, "branch_ratio": r, "low_high": diagnostics.gradient_ratio(g),
             "predicted_from_ratios": corrected_prediction(r, post)}
 
   return measure
@@ -94,6 +86,8 @@ def make_measure(model):
 def run_one(study, size, s, block, depth) -> dict:
   import jax
   from keel_jax import data
+  from keel_jax.diagnostics import gradient_ratio
+  from keel_jax.load import load_run
   from keel_jax.model import init_params, strip_boxes
   cfg = make_config(size, s, block, depth)
   token_data, tok = data.load_token_data(cfg.data, None)
@@ -109,13 +103,13 @@ def run_one(study, size, s, block, depth) -> dict:
   run = common.train_run(cfg, workdir, study.log_path)
   out = {"block": block, "depth": depth, "init": init, "halted": run["halted"],
          "final_eval_loss": run["eval"].get("eval_loss")}
-  trace = [(r["step"], low_high(r["sublayer_grad_norm"]), r["loss"]) for r in common.train_records(run["records"])
+  trace = [(r["step"], gradient_ratio(r["sublayer_grad_norm"]), r["loss"]) for r in common.train_records(run["records"])
            if "sublayer_grad_norm" in r and common.finite(r["loss"])]
   out["train_trace"] = {"step": [t[0] for t in trace], "low_high": [t[1] for t in trace],
                         "loss": [t[2] for t in trace]}
   if run["halted"] is None:
-    step, params = common.load_params(workdir)
-    out["trained"] = {"step": step, **measure(params, batch)}
+    trained = load_run(workdir)
+    out["trained"] = {"step": trained.step, **measure(trained.params, batch)}
   return out
 
 
@@ -169,13 +163,13 @@ def plot(study, s) -> None:
   common.savefig(fig, study.png("branch_ratio"))
 
 
-def main() -> None:
-  args = common.parse_args(__doc__)
-  s = SETUPS[args.size]
-  study = common.Study("gradient_flow", args, s)
+def grid(study, size, s):
   for depth in s["depths"]:
     for block in s["blocks"]:
-      study.run(f"{block}_L{depth}", lambda: run_one(study, args.size, s, block, depth))
+      yield f"{block}_L{depth}", functools.partial(run_one, study, size, s, block, depth)
+
+
+def report(study, s) -> None:
   table = {k: {"init_low_high": r["init"]["low_high"], "trained_low_high": r.get("trained", {}).get("low_high"),
                "init_min_max": min_max(r["init"]["grad_norm"]),
                "trained_min_max": min_max(r["trained"]["grad_norm"]) if "trained" in r else None,
@@ -187,8 +181,7 @@ def main() -> None:
            for k, r in study.result["runs"].items()}
   study.save(table=table)
   plot(study, s)
-  study.log("done", study.path)
 
 
 if __name__ == "__main__":
-  main()
+  common.run_study("gradient_flow", __doc__, SETUPS, grid, report)

@@ -4,8 +4,11 @@ Sub-layer order is depth order: attn_0, ffn_0, attn_1, ffn_1, ... (L = 2 * num_l
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from keel_jax.model import Decoder, layer_stack, lm_loss
 
@@ -41,3 +44,15 @@ def sublayer_branch_ratios(model: Decoder, params, tokens_BxT: jax.Array) -> jax
   inter = layer_stack(state["intermediates"], model.cfg)
   ratio = [inter[k]["branch_rms"][0] / inter[k]["shortcut_rms"][0] for k in ("attn", "ffn")]
   return jnp.stack(ratio, axis=1).reshape(-1)
+
+
+def gradient_ratio(grad_norms_L, low_block: int = 1) -> float:
+  """The vanishing measure: geometric mean of block `low_block`'s two sub-layer gradient norms over the
+  last block's (1 = flat, << 1 = vanishing at the bottom). `grad_norms_L` in depth order, as
+  `sublayer_grad_norms` returns them. Block 1 by default: Keel's block 0 follows its own first-layer
+  rule. NaN when the model has too few blocks or the top norms are 0."""
+  g = np.asarray(grad_norms_L, np.float64)
+  if len(g) < 2 * low_block + 2:
+    return float("nan")
+  low, high = math.sqrt(g[2 * low_block] * g[2 * low_block + 1]), math.sqrt(g[-2] * g[-1])
+  return low / high if high > 0 else float("nan")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from keel_jax.diagnostics import sublayer_branch_ratios, sublayer_grad_norms, sublayer_norms
+from keel_jax.diagnostics import gradient_ratio, sublayer_branch_ratios, sublayer_grad_norms, sublayer_norms
 from keel_jax.model import Decoder, init_params, lm_loss, unstack_layers
 from keel_jax.model_config import ModelConfig
 
@@ -48,3 +48,11 @@ def test_branch_ratio_has_one_entry_per_sublayer_and_is_positive():
   model, params = Decoder(CFG), params_for(CFG)
   r = np.asarray(sublayer_branch_ratios(model, params, jnp.zeros((1, 8), jnp.int32) + 3))
   assert r.shape == (6,) and np.all(r > 0)
+
+
+def test_gradient_ratio_is_block_geometric_mean_over_the_last_block():
+  g = [9.0, 1.0, 4.0, 1.0, 3.0, 2.0, 1.0, 4.0]  # blocks (9, 1), (4, 1), (3, 2), (1, 4)
+  assert gradient_ratio(g) == pytest.approx(2.0 / 2.0)
+  assert gradient_ratio(g, low_block=0) == pytest.approx(3.0 / 2.0)
+  assert gradient_ratio(g, low_block=2) == pytest.approx(np.sqrt(6.0) / 2.0)
+  assert np.isnan(gradient_ratio([1.0, 2.0])) and np.isnan(gradient_ratio([1.0, 1.0, 0.0, 0.0]))
