@@ -12,7 +12,7 @@ records compute it; PPL = exp(loss); bits per byte = loss / ln 2 / (UTF-8 bytes 
 Layer removal (the paper's appendix A): dPPL_i = PPL(model without sub-layer i) - PPL(model), for
 every sub-layer i = 0 .. L-1 in stream order (attn_0, ffn_0, attn_1, ...). "Without sub-layer i"
 means its update is replaced by the identity: the sub-layer's output is its input x, unchanged.
-Per block type (F the branch, N a norm, see DESIGN.md section 2):
+Per block type (F the branch, N a norm, see docs/DESIGN.md section 2.2):
 
     block      sub-layer i kept                 sub-layer i removed
     pre_ln     x + F(N(x))                      x    (the final norm stays)
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keel_jax.blocks import sublayer_schedule
+from keel_jax.block_rules import sublayer_schedule
 from keel_jax.data import eval_batches
 from keel_jax.model import Decoder, lm_loss
 
@@ -50,7 +50,13 @@ def make_loss_fn(model: Decoder):
 
 
 def perplexity(loss: float) -> float:
-  return math.exp(min(loss, 700.0))  # past ~709 nats float64 overflows; no model gets near
+  """exp(loss) of a mean loss in nats, clamped at 700 nats (float64 overflows past ~709)."""
+  return math.exp(min(loss, 700.0))
+
+
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
+  """A mean loss in nats per token as bits per UTF-8 byte of the text."""
+  return loss / math.log(2) / bytes_per_token
 
 
 def split_batches(token_data, split: str, seq_len: int, batch_size: int, num_batches: int) -> list[dict]:
@@ -91,7 +97,7 @@ def evaluate(model: Decoder, params: Any, batches: Sequence[dict], bytes_per_tok
   loss_fn = loss_fn or make_loss_fn(model)
   loss = _mean_loss(loss_fn, params, batches, np.ones(model.cfg.num_sublayers, np.float32))
   return {"loss": loss, "ppl": perplexity(loss),
-          "bpb": loss / math.log(2) / bytes_per_token if bytes_per_token else None,
+          "bpb": bits_per_byte(loss, bytes_per_token) if bytes_per_token else None,
           "num_batches": len(batches), "num_tokens": int(sum(b["tokens"][:, 1:].size for b in batches))}
 
 

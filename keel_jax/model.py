@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from keel_jax.attention import dense
-from keel_jax.blocks import Block, has_final_norm, sublayer_schedule
+from keel_jax.block_rules import BLOCK_RULES, sublayer_schedule
+from keel_jax.blocks import Block
 from keel_jax.model_config import ModelConfig
 from keel_jax.norms import RMSNorm
 from keel_jax.sharding import strip_boxes
@@ -88,7 +89,7 @@ class Decoder(nn.Module):
       for i in range(c.num_layers):
         layer_consts = jax.tree.map(lambda a: a[i], consts)
         x_BxTxD, _ = block_cls(c, self.decode, name=f"layers_{i}")(x_BxTxD, layer_consts, positions_BxT, segment_ids_BxT)
-    elif c.scan_groups:  # nested scan: remat per group keeps ~sqrt(L) stream copies (issue 10)
+    elif c.scan_groups:  # nested scan: remat per group keeps ~sqrt(L) stream copies
       G = c.scan_groups
       grouped = jax.tree.map(lambda a: a.reshape(G, c.num_layers // G, 2), consts)
       stack = _scan(_maybe_remat(BlockGroup, "full"), G, "layer_groups")
@@ -97,7 +98,7 @@ class Decoder(nn.Module):
       stack = _scan(_maybe_remat(Block, c.remat_policy), c.num_layers, "layers")
       x_BxTxD, _ = stack(c, self.decode, name="layers")(x_BxTxD, consts, positions_BxT, segment_ids_BxT)
 
-    if has_final_norm(c):
+    if BLOCK_RULES[c.block].final_norm:
       x_BxTxD = RMSNorm(c.norm_eps, c.norm_impl, name="final_norm")(x_BxTxD)
     h_BxTxD = x_BxTxD.astype(c.compute_dtype)
     if return_hidden:

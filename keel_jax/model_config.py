@@ -9,9 +9,9 @@ import dataclasses
 import math
 from typing import Any
 
+from keel_jax.block_rules import BLOCK_RULES
 from keel_jax.errors import ConfigError
 
-BLOCKS = ("keel", "pre_ln", "post_ln", "deepnorm", "mix_ln")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 NORM_IMPLS = ("xla", "pallas", "auto")
 ATTENTION_IMPLS = ("xla", "dot_product", "splash", "auto")  # keel_jax/attention_impls.py
@@ -53,7 +53,7 @@ class ModelConfig:
       if not ok:
         raise ConfigError(f"model.{field}", getattr(self, field), allowed)
 
-    need(self.block in BLOCKS, "block", f"one of {BLOCKS}")
+    need(self.block in BLOCK_RULES, "block", f"one of {tuple(BLOCK_RULES)}")
     for f in ("num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff", "vocab_size", "max_seq_len"):
       need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, "a positive integer")
     need(self.d_model % self.num_heads == 0, "d_model",
@@ -109,9 +109,15 @@ class ModelConfig:
   @classmethod
   def from_config(cls, model_cfg: Any, vocab_size: int, max_seq_len: int) -> "ModelConfig":
     """Builds from an ml_collections `cfg.model`; unknown fields there are an error."""
-    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "max_seq_len"}
+    fields = set(model_defaults())
     given = dict(model_cfg)
     unknown = sorted(set(given) - fields)
     if unknown:
       raise ConfigError(f"model.{unknown[0]}", given[unknown[0]], f"a known field: {sorted(fields)}")
     return cls(vocab_size=vocab_size, max_seq_len=max_seq_len, **given)
+
+
+def model_defaults() -> dict[str, Any]:
+  """The `model` section of a config: every ModelConfig field but the two the data decides
+  (vocab_size from the tokenizer, max_seq_len = data.seq_len), with its default."""
+  return {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name not in ("vocab_size", "max_seq_len")}

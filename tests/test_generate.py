@@ -13,7 +13,8 @@ import pytest
 from keel_jax.generate import (GREEDY, PromptError, Sampling, check_new_tokens, cut_at_eos, filter_logits,
                                fit_prompts, generate, pad_prompts)
 from keel_jax.model import Decoder, init_params, strip_boxes
-from keel_jax.model_config import BLOCKS, ModelConfig
+from keel_jax.block_rules import BLOCKS
+from keel_jax.model_config import ModelConfig
 
 V, T_MAX, NEW = 48, 16, 7
 PROMPTS = [[3, 5, 7, 9, 11], [2, 4], [40, 1, 8, 30]]  # different lengths: left padding is exercised

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 import numpy_reference
+from keel_jax import block_rules
+from keel_jax.block_rules import BLOCKS
 from keel_jax.errors import ConfigError
 from keel_jax.model import Decoder, init_params, lm_loss, unstack_layers, layer_stack
 from keel_jax.model_config import ModelConfig
@@ -21,9 +23,6 @@ def no_silent_broadcasting():
   every test module collected after this one)."""
   with jax.numpy_rank_promotion("raise"):
     yield
-
-BLOCKS = ["keel", "pre_ln", "post_ln", "deepnorm", "mix_ln"]
-
 
 def tiny(block="keel", **kw) -> ModelConfig:
   base = dict(vocab_size=61, block=block, num_layers=3, d_model=32, num_heads=4, num_kv_heads=2,
@@ -44,6 +43,15 @@ def perturb(params, seed=1, scale=0.1):
 
 
 TOKENS = np.random.RandomState(0).randint(0, 61, size=(2, 10))
+
+
+def test_a_new_block_type_is_one_row_of_the_rule_table(monkeypatch):
+  monkeypatch.setitem(block_rules.BLOCK_RULES, "pre_ln_copy", block_rules.BLOCK_RULES["pre_ln"])
+  cfg = tiny("pre_ln", scan_layers=False)
+  model, params = build(cfg)
+  params = perturb(params)
+  copy = Decoder(dataclasses.replace(cfg, block="pre_ln_copy"))
+  np.testing.assert_array_equal(copy.apply({"params": params}, TOKENS), model.apply({"params": params}, TOKENS))
 
 
 @pytest.mark.parametrize("block,extra", [(b, {}) for b in BLOCKS] + [
