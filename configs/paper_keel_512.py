@@ -1,5 +1,5 @@
 # python -m keel_jax.train --config configs/paper_keel_512.py:block=keel --workdir /mnt/shared/keel_512
-# The paper's main setup (DESIGN.md section 2): d_model 1024, 256 blocks = 512 sub-layers, GQA 16/8,
+# The paper's main setup (docs/DESIGN.md section 2.8): d_model 1024, 256 blocks = 512 sub-layers, GQA 16/8,
 # FFN 3072, seq 4096, AdamW (0.9, 0.95), wd 0.01, clip 1.0, 2500 warmup steps, cosine to 1e-7.
 # The workdir is a directory all hosts see (an NFS / Filestore mount; a gs:// URL is not one: docs/SCALING.md).
 # For accelerators (bfloat16); pick the block with `:block=pre_ln` etc., the mesh with --config.mesh.*.

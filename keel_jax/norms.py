@@ -1,6 +1,6 @@
 """RMSNorm with a learnable gain, and the fused outer path of Post-LN-style sub-layers.
 
-`N(x) = x / sqrt(mean(x^2) + eps) * g` (DESIGN.md section 2), always computed in float32:
+`N(x) = x / sqrt(mean(x^2) + eps) * g` (docs/DESIGN.md section 2.1), always computed in float32:
 Keel's outer norm sees `alpha * x + F` with alpha ~ L, where bfloat16 would round F away.
 `impl` selects the plain XLA expression or the Pallas kernels in `keel_jax.kernels`.
 """

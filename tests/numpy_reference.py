@@ -1,4 +1,4 @@
-"""An independent numpy implementation of the decoder, written from DESIGN.md section 2.
+"""An independent numpy implementation of the decoder, written from docs/DESIGN.md section 2.
 
 Used only by tests. Reads the loop-layout params (`layers_0`, `layers_1`, ...).
 """

@@ -1,4 +1,4 @@
-"""The import graph of keel_jax/ is acyclic and keeps its layering (docs/DESIGN.md, dependency rules)."""
+"""The import graph of keel_jax/ is acyclic and keeps its layering (docs/DESIGN.md section 6)."""
 import ast
 import pathlib
 

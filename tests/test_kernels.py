@@ -92,7 +92,7 @@ def test_bfloat16_matches_reference(x_dtype, f_dtype):
 
 
 def test_large_alpha_keeps_the_branch():
-  # alpha ~ L = 1000: in float32 the sum still carries f (DESIGN.md: a bfloat16 sum would lose it).
+  # alpha ~ L = 1000: in float32 the sum still carries f (docs/DESIGN.md section 2.4: a bfloat16 sum would lose it).
   x, f, _, g, w = _inputs((16, 128), f_dtype=jnp.bfloat16, seed=2)
   _check_fused(x, f, jnp.float32(1000.0), g, w, F32_TOL, interpret=True)
 

@@ -2,7 +2,7 @@
 `N(alpha * x + f)`, forward and backward, behind `jax.custom_vjp`.
 
 Why fuse: every Keel sub-layer ends in `N_out(alpha * x + F)` and begins with `N_in(x)`. Both are
-memory-bound, and the float32 shortcut sum (DESIGN.md section 2) makes them heavier. The fused kernel
+memory-bound, and the float32 shortcut sum (docs/DESIGN.md section 2.4) makes them heavier. The fused kernel
 reads x and f once, sums and normalises in float32, and saves for the backward only the per-row inverse
 RMS (float32 [rows, 1]; the GPU kernels recompute it instead), never the normalised output: the
 backward re-reads x and f, which it needs anyway.
@@ -48,7 +48,7 @@ from keel_jax.errors import ConfigError
 
 LOWERINGS = ("tpu", "interpret", "mosaic_gpu", "mosaic_gpu_interpret")
 
-# Backends where a benchmark (benchmarks/norm_kernels.py plus the whole train step of issue 5) has
+# Backends where a benchmark (benchmarks/norm_kernels.py plus the whole train step) has
 # shown the Pallas kernels faster than XLA's own fusion of the same expression. Empty: no GPU or TPU
 # has been measured yet, so 'auto' stays on XLA everywhere. Add a backend here only with the numbers.
 _PALLAS_FASTER_ON: frozenset[str] = frozenset()
