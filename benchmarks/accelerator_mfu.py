@@ -1,13 +1,13 @@
-"""Tokens/s and MFU of a width-2048, 64-block bfloat16 Keel model at sequence 2048 (issue 10, GPU/TPU); JSON.
+"""Tokens/s and MFU of a width-2048, 64-block bfloat16 Keel model at sequence 2048 (GPU/TPU); JSON.
 
   # on a lent GPU / TPU (~6-9 min of the 15; one command, JSON rewritten after every variant):
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python benchmarks/accelerator_mfu.py \
       --out $OUT/mfu.json --profile_dir $OUT/trace
   python benchmarks/accelerator_mfu.py --small    # CPU smoke run (tiny model)
 
-Self-contained on purpose: the accelerator images have jax/flax/optax but not grain or ml-collections,
-so this builds `ModelConfig` directly and uses keel_jax.train's step only if it imports (else an
-equivalent step without the non-finite guard and per-sub-layer norms: recorded as `step_impl`).
+The accelerator images have jax/flax/optax but not grain or ml-collections, so this builds
+`ModelConfig` directly (no config_lib) and imports only modules that need neither: the step is
+keel_jax.train_step's, the one training runs.
 For each variant (remat policy x per-device batch) in order, while `--budget_s` lasts: compile
 (ahead of time, with XLA's memory estimate; a variant that cannot fit is skipped, an OOM is recorded),
 2 warm-up steps, `--steps` timed steps; then tokens/s, model TFLOP/s and MFU = analytic model FLOPs
@@ -23,20 +23,19 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from keel_jax import tpu_slices
 from keel_jax.flops import matmul_flops_per_token
 from keel_jax.model import Decoder, init_params, lm_loss, strip_boxes
 from keel_jax.model_config import ModelConfig
 from keel_jax.optimizer import lr_schedule, make_optimizer
+from keel_jax.train_step import init_state, make_train_step
 
 # Dense (no sparsity) bfloat16 peak FLOP/s per GPU (and TPU v3), from the vendors' data sheets. Matched against
 # jax's device_kind by substring, first match wins (so the specific names come first). TPU chips
@@ -63,31 +62,6 @@ def model_flops_per_token(mc: ModelConfig, seq_len: int) -> float:
   return matmul_flops_per_token(mc, seq_len)["train_flops_per_token"]
 
 
-def make_step(model: Decoder, tx, schedule):
-  """(step, state class, name): keel_jax.train's step where it imports, else an equivalent plain one."""
-  try:  # needs grain / ml-collections / orbax through keel_jax.train's imports
-    from keel_jax.train_step import TrainState, make_train_step
-    return make_train_step(model, tx, schedule), TrainState, "keel_jax.train_step.make_train_step"
-  except Exception as e:  # ImportError on the accelerator images; anything else there is no reason to stop
-    print(f"keel_jax.train not importable ({type(e).__name__}: {e}); using a local step", file=sys.stderr)
-  import flax
-
-  @flax.struct.dataclass
-  class State:  # the fields of keel_jax.train_step.TrainState
-    step: jax.Array
-    params: object
-    opt_state: object
-    skipped: jax.Array
-
-  def step(state, batch):
-    loss, grads = jax.value_and_grad(lambda p: lm_loss(model, p, batch["tokens"]))(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = State(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                skipped=state.skipped)
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-  return step, State, "local plain step (no non-finite guard, no sub-layer norms)"
-
-
 def model_config(a, remat: str) -> ModelConfig:
   return ModelConfig(vocab_size=a.vocab, block=a.block, num_layers=a.blocks, d_model=a.d_model,
                      num_heads=a.heads, num_kv_heads=a.kv_heads, d_ff=a.d_ff, max_seq_len=a.seq_len,
@@ -107,16 +81,10 @@ def run_variant(a, remat: str, batch: int, peak: float | None, deadline: float) 
   train_cfg = types.SimpleNamespace(lr=3e-4, warmup_steps=100, num_steps=10_000, lr_floor=1e-7, schedule="cosine",
                                     b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, clip_norm=1.0)
   model, tx, schedule = Decoder(mc), make_optimizer(train_cfg), lr_schedule(train_cfg)
-  step_fn, state_cls, impl = make_step(model, tx, schedule)
-
-  def init(rng):
-    params = strip_boxes(init_params(model, rng))
-    return state_cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     skipped=jnp.zeros((), jnp.int32))
-
-  rec = {"remat_policy": remat, "batch_per_device": batch, "tokens_per_step": batch * a.seq_len, "step_impl": impl}
+  step_fn = make_train_step(model, tx, schedule)
+  rec = {"remat_policy": remat, "batch_per_device": batch, "tokens_per_step": batch * a.seq_len}
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, a.vocab, (batch, a.seq_len + 1)), jnp.int32)
-  state = jax.jit(init)(jax.random.key(0))
+  state = jax.jit(lambda r: init_state(model, tx, r))(jax.random.key(0))
   rec["params"] = int(sum(x.size for x in jax.tree.leaves(state.params)))
   step = jax.jit(step_fn, donate_argnums=0)
   w = time.perf_counter()

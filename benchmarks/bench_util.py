@@ -17,9 +17,9 @@ import numpy as np
 
 from keel_jax import config_lib
 from keel_jax.flops import matmul_flops_per_token  # noqa: F401 (the benchmarks read it from here)
-from keel_jax.model import Decoder, init_params, strip_boxes
+from keel_jax.model import Decoder
 from keel_jax.optimizer import lr_schedule, make_optimizer
-from keel_jax.train_step import TrainState, make_train_step
+from keel_jax.train_step import init_state, make_train_step
 
 VOCAB = 320  # the byte tokenizer's 257 ids padded to a multiple of 64, as config_lib.validate does
 
@@ -49,13 +49,8 @@ def build(cfg, donate: bool = True, make_step: Callable = make_train_step):
   model = Decoder(config_lib.validate(cfg, VOCAB))
   tx, schedule = make_optimizer(cfg.train), lr_schedule(cfg.train)
 
-  def init(rng):
-    params = strip_boxes(init_params(model, rng))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      skipped=jnp.zeros((), jnp.int32))
-
   step = jax.jit(make_step(model, tx, schedule), donate_argnums=0 if donate else ())
-  return model, jax.jit(init), step
+  return model, jax.jit(lambda rng: init_state(model, tx, rng)), step
 
 
 def random_batch(cfg, seed: int = 0) -> dict[str, jax.Array]:

@@ -16,18 +16,15 @@ import sys
 import ml_collections
 from absl import flags
 
+from keel_jax import data as data_lib
 from keel_jax.errors import EXIT_BAD_INPUT, ConfigError
-from keel_jax.model_config import ModelConfig
+from keel_jax.model_config import ModelConfig, model_defaults
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field a run reads, with CPU-friendly defaults. Config files override what they need."""
   cfg = ml_collections.ConfigDict()
-  cfg.model = dict(
-      block="keel", num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, d_ff=384,
-      rope_theta=10000.0, tie_embeddings=True, keel_alpha="L", keel_first_layer="v2",
-      mix_ln_fraction=0.25, norm_eps=1e-5, norm_impl="xla", attention_impl="xla", init_std=0.02, scan_layers=True,
-      remat_policy="full", scan_groups=0, dtype="float32")
+  cfg.model = model_defaults()
   cfg.data = dict(
       source="stdlib", paths="", prepared_dir="", seq_len=256, batch_size=16, tokenizer="byte",
       bpe_vocab_size=4096, val_fraction=0.02, eval_batches=8, on_bad_file="skip", max_files=0,
@@ -43,9 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
       grad_accum_steps=1,  # microbatches per step (lax.scan), one optimiser update
       loss_chunk=0,  # sequence positions per chunk of the output projection + loss (0: all at once)
       z_loss=0.0,  # weight of mean log(Z)^2 added to the loss
-      compilation_cache_dir="",  # persistent XLA compilation cache ("" = off); docs/PERFORMANCE.md
-      # Test hook: NaN gradient (last param leaf) at steps debug_nonfinite_step .. +count-1; -1 = off.
-      debug_nonfinite_step=-1, debug_nonfinite_count=1)
+      compilation_cache_dir="")  # persistent XLA compilation cache ("" = off); docs/PERFORMANCE.md
   # Axis sizes (one may be -1: the rest). dcn_*: how many of an axis's ways cross the slow network
   # (TPU slices, or GPU processes); see docs/SCALING.md.
   cfg.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
@@ -178,16 +173,7 @@ def validate(cfg: ml_collections.ConfigDict, vocab_size: int = 256) -> ModelConf
   for section in SECTIONS:
     _check(section in cfg, section, None, f"a '{section}' section (start from config_lib.base_config())")
   d, t = cfg.data, cfg.train
-  _check(d.source in ("stdlib", "files", "prepared", "synthetic"), "data.source", d.source,
-         "one of ('stdlib', 'files', 'prepared', 'synthetic')")
-  _check(d.source != "files" or bool(d.paths), "data.paths", d.paths, "a glob (or comma-separated globs) when data.source='files'")
-  _check(d.source != "prepared" or bool(d.prepared_dir), "data.prepared_dir", d.prepared_dir,
-         "the directory written by `python -m keel_jax.prepare` when data.source='prepared'")
-  _check(d.tokenizer in ("byte", "bpe"), "data.tokenizer", d.tokenizer, "one of ('byte', 'bpe')")
-  for f in ("seq_len", "batch_size", "eval_batches"):
-    _check(isinstance(d[f], int) and d[f] > 0, f"data.{f}", d[f], "a positive integer")
-  _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a number in (0, 1)")
-  _check(d.on_bad_file in ("skip", "error"), "data.on_bad_file", d.on_bad_file, "one of ('skip', 'error')")
+  data_lib.validate(d)
   _check(not d.get("document_positions", False) or d.get("document_mask", False), "data.document_positions",
          True, "False unless data.document_mask=True (positions restart at the documents that mask marks)")
   k = t.get("grad_accum_steps", 1)

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from keel_jax import attention_impls, config_lib, data, paths, sharding
 from keel_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
 from keel_jax.errors import EXIT_BAD_INPUT, ConfigError, DataError
+from keel_jax.evaluate import bits_per_byte, perplexity
 from keel_jax.loss import LossOptions
 from keel_jax.metrics import MetricsWriter, significant
 from keel_jax.model import Decoder, param_table
@@ -146,10 +147,9 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
         log(f"resumed from {ckpt.directory} at step {start}")
     if is_main:  # only once the state fits: a refused or failed resume must leave config.json as it was
       paths.write_text(workdir / "config.json", config_lib.to_json(cfg))  # never torn
-    debug_nonfinite = (cfg.train.get("debug_nonfinite_step", -1), cfg.train.get("debug_nonfinite_count", 1))
     loss_options = LossOptions.from_config(cfg)
     step_fn, telemetry_fn = (
-        jax.jit(make_train_step(model, tx, schedule, debug_nonfinite, telemetry, loss_options,
+        jax.jit(make_train_step(model, tx, schedule, telemetry, loss_options,
                                 cfg.train.get("grad_accum_steps", 1)), donate_argnums=0,
                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)), out_shardings=(state_shardings, None))
         for telemetry in (False, True))  # the telemetry variant compiles at its first use
@@ -280,8 +280,8 @@ class Loop:
       local = {k: v[p * rows:(p + 1) * rows] for k, v in batch.items()}
       losses.append(eval_fn(params, sharding.global_batch(local, self.mesh)))
     loss = float(np.mean(jax.device_get(losses)))
-    bpb = loss / math.log(2) / self.token_data.bytes_per_token_val
-    self.last_eval = {"step": step, "eval_loss": loss, "eval_bpb": bpb, "eval_ppl": math.exp(min(loss, 50))}
+    bpb = bits_per_byte(loss, self.token_data.bytes_per_token_val)
+    self.last_eval = {"step": step, "eval_loss": loss, "eval_bpb": bpb, "eval_ppl": perplexity(loss)}
     self.writer.write(step, "eval", {k: v for k, v in self.last_eval.items() if k != "step"})
     if self.is_main:
       self.log(f"step {step}: eval loss {loss:.4f}, bits/byte {bpb:.4f}")

@@ -59,8 +59,7 @@ def loss_and_grads(model: Decoder, params, batch, loss_options: LossOptions = Lo
   return loss, aux, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
 
-def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule, debug_nonfinite=(-1, 1),
-                    telemetry: bool = False, loss_options: LossOptions = LossOptions(), grad_accum_steps: int = 1):
+def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule, telemetry: bool = False, loss_options: LossOptions = LossOptions(), grad_accum_steps: int = 1):
   """(state, batch) -> (state, metrics). A non-finite loss or gradient leaves the state unchanged.
   `loss_options`, `grad_accum_steps`: see `loss_and_grads`. metrics['loss'] is the cross-entropy
   (comparable with eval_loss); with a z-loss, metrics['z_loss'] is its mean log(Z)^2.
@@ -68,18 +67,11 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule, 
   `telemetry=True` adds per-sub-layer `update_param_ratio` (||update_l|| / ||params_l|| before the
   update) and `branch_ratio` (RMS(F_l) / RMS(alpha x_l), from one extra forward pass on the batch)
   to the metrics, each [L]; the trainer runs this variant every train.telemetry_every steps.
-
-  `debug_nonfinite=(k, n)` (train.debug_nonfinite_step/_count; tests only) makes the gradient of
-  the last parameter leaf NaN at steps k .. k+n-1, to exercise the non-finite policies for real.
   """
 
   def train_step(state: TrainState, batch):
     objective, aux, grads = loss_and_grads(model, state.params, batch, loss_options, grad_accum_steps)
     loss = aux["ce"]
-    if debug_nonfinite[0] >= 0:  # test hook, off by default (then not even traced)
-      bad = (state.step + 1 >= debug_nonfinite[0]) & (state.step + 1 < sum(debug_nonfinite))
-      *rest, last = jax.tree.leaves(grads)
-      grads = jax.tree.unflatten(jax.tree.structure(grads), [*rest, jnp.where(bad, jnp.nan, last)])
     leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     finite = jnp.isfinite(objective) & jnp.all(leaf_finite)
 
@@ -120,6 +112,13 @@ def make_eval_step(model: Decoder, loss_options: LossOptions = LossOptions()):
   return lambda params, batch: lm_objective(model, params, batch, opts)[1]["ce"]
 
 
+def init_state(model: Decoder, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """Step 0: fresh params from `rng`, the optimiser's initial state, no skipped steps."""
+  params = strip_boxes(init_params(model, rng))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    skipped=jnp.zeros((), jnp.int32))
+
+
 def create_state(model, tx, mesh, rng):
   """The train state, created directly sharded: abstract shapes, then a jitted init with out_shardings.
 
@@ -134,9 +133,5 @@ def create_state(model, tx, mesh, rng):
                          opt_state=sharding.opt_state_shardings(tx, abstract_params, p_shard, mesh),
                          skipped=replicated)
 
-  def init(r):
-    params = strip_boxes(init_params(model, r))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      skipped=jnp.zeros((), jnp.int32))
-
-  return jax.jit(init, out_shardings=shardings), shardings, abstract_boxed
+  init = jax.jit(lambda r: init_state(model, tx, r), out_shardings=shardings)
+  return init, shardings, abstract_boxed

@@ -221,17 +221,27 @@ def test_sigterm_saves_the_step_reached_exits_0_and_resumes(straight, tmp_path):
   assert_same_state(load_state(work, 20), load_state(straight, 20))
 
 
-# ---- non-finite gradients ------------------------------------------------------------------------
+# ---- non-finite loss and gradients ---------------------------------------------------------------
+
+def run_faulty_train(workdir, first: int, count: int, *overrides: str, check: bool = True):
+  """The training CLI with steps first .. first+count-1 made non-finite (tests/faulty_train.py)."""
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "faulty_train.py"), str(first), str(count),
+                         "--config", "configs/tiny.py", "--workdir", str(workdir), *overrides],
+                        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"faulty_train exited {proc.returncode}\n{proc.stderr[-5000:]}")
+  return proc
+
 
 @pytest.mark.slow
-def test_nonfinite_gradient_halt_keeps_last_good_checkpoint_then_skip_resumes(straight, tmp_path):
+def test_nonfinite_halt_keeps_last_good_checkpoint_then_skip_resumes(straight, tmp_path):
   work = tmp_path / "w"
-  halted = run_train(work, *RUN, "--config.train.debug_nonfinite_step=7", check=False)
+  halted = run_faulty_train(work, 7, 1, *RUN, check=False)
   assert halted.returncode == 3, halted.stderr[-3000:]
   (ev,) = events(work, "nonfinite")
-  assert ev["step"] == 7 and ev["policy"] == "halt" and ev["first_nonfinite"].startswith("gradient of ")
-  # The message names the step and the first non-finite quantity (the injected leaf).
-  assert f"non-finite {ev['first_nonfinite']} at step 7" in halted.stderr
+  assert ev["step"] == 7 and ev["policy"] == "halt" and ev["first_nonfinite"] == "loss"
+  # The message names the step and the first non-finite quantity.
+  assert "non-finite loss at step 7" in halted.stderr
   assert "last good checkpoint is kept" in halted.stderr
   # Nothing after the bad step was saved or logged; what was saved is the good state of step 6.
   assert steps(work) == [2, 4, 6]
@@ -240,7 +250,7 @@ def test_nonfinite_gradient_halt_keeps_last_good_checkpoint_then_skip_resumes(st
   before = tree_digest(work / "checkpoints")
 
   # Same step under policy 'skip': the run resumes from 6, skips the update at 7, finishes.
-  out = run_train(work, *RUN, "--config.train.debug_nonfinite_step=7", "--config.train.nonfinite_policy=skip")
+  out = run_faulty_train(work, 7, 1, *RUN, "--config.train.nonfinite_policy=skip")
   assert "at step 6" in out.stdout
   assert all(tree_digest(work / "checkpoints")[k] == v for k, v in before.items())  # 2..6 untouched
   (ev,) = [e for e in events(work, "nonfinite") if e["policy"] == "skip"]
@@ -257,8 +267,8 @@ def test_nonfinite_gradient_halt_keeps_last_good_checkpoint_then_skip_resumes(st
 
 
 def test_skip_policy_halts_after_k_nonfinite_steps_in_a_row(tmp_path):
-  out = run_train(tmp_path, *RUN, "--config.train.nonfinite_policy=skip", "--config.train.max_consecutive_skips=3",
-                  "--config.train.debug_nonfinite_step=3", "--config.train.debug_nonfinite_count=100", check=False)
+  out = run_faulty_train(tmp_path, 3, 100, *RUN, "--config.train.nonfinite_policy=skip",
+                         "--config.train.max_consecutive_skips=3", check=False)
   assert out.returncode == 3, out.stderr[-3000:]
   assert "at step 5 (3 non-finite steps in a row)" in out.stderr
   assert [e["step"] for e in events(tmp_path, "nonfinite")] == [3, 4, 5]

@@ -1,17 +1,21 @@
 """The train step: k microbatches give the loss and gradients of the whole batch; a run with
-train.grad_accum_steps logs the losses of the run without."""
+train.grad_accum_steps logs the losses of the run without; a non-finite gradient (injected from the
+test by wrapping the objective; the library has no fault hook) leaves the state unchanged, is
+counted, and names its leaf."""
 import chex
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cli_utils import run_train
-from keel_jax import config_lib
+from keel_jax import config_lib, train_step
 from keel_jax.errors import ConfigError
-from keel_jax.loss import LossOptions
+from keel_jax.loss import LossOptions, lm_objective
 from keel_jax.metrics import read_records
 from keel_jax.model import Decoder, init_params
+from keel_jax.optimizer import lr_schedule, make_optimizer
 from keel_jax.model_config import ModelConfig
 from keel_jax.train import train
 from keel_jax.train_step import loss_and_grads
@@ -53,3 +57,43 @@ def test_cli_run_with_grad_accum_logs_the_losses_of_the_run_without(tmp_path):
   a, b = losses(tmp_path / "plain"), losses(tmp_path / "accum")
   assert len(a) == len(b) == 6
   np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+@jax.custom_vjp
+def nan_gradient(x):
+  return x
+
+
+nan_gradient.defvjp(lambda x: (x, None), lambda _, g: (jnp.full_like(g, jnp.nan),))
+
+
+def step_once(objective_fn, monkeypatch):
+  monkeypatch.setattr(train_step, "lm_objective", objective_fn)
+  cfg = config_lib.base_config()
+  cfg.model.update(num_layers=1, d_model=16, num_heads=2, num_kv_heads=1, d_ff=32)
+  cfg.data.update(seq_len=8, batch_size=2)
+  cfg.train.update(warmup_steps=0)  # the first step at the full learning rate
+  model = Decoder(config_lib.validate(cfg, 61))
+  tx = make_optimizer(cfg.train)
+  state = train_step.init_state(model, tx, jax.random.key(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 9)), jnp.int32)
+  new, metrics = jax.jit(train_step.make_train_step(model, tx, lr_schedule(cfg.train)))(state, {"tokens": tokens})
+  return state, new, jax.device_get(metrics)
+
+
+def test_nonfinite_gradient_skips_the_update_and_names_the_leaf(monkeypatch):
+  def poisoned(model, params, batch, opts):  # finite loss, NaN gradient for the last leaf only
+    loss, aux = lm_objective(model, params, batch, opts)
+    return loss + 0.0 * jnp.sum(nan_gradient(jax.tree.leaves(params)[-1])), aux
+  state, new, m = step_once(poisoned, monkeypatch)
+  assert np.isfinite(m["loss"]) and not m["finite"]
+  assert m["leaf_finite"][:-1].all() and not m["leaf_finite"][-1]
+  assert int(new.step) == 1 and int(new.skipped) == 1
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_finite_step_updates_the_params(monkeypatch):
+  state, new, m = step_once(lm_objective, monkeypatch)
+  assert m["finite"] and m["leaf_finite"].all() and int(new.skipped) == 0
+  assert not np.array_equal(state.params["embed"]["embedding"], new.params["embed"]["embedding"])
