@@ -8,7 +8,7 @@ setup(
     packages=find_packages(include=["keel_jax", "keel_jax.*"]),
     python_requires=">=3.11",
     install_requires=[
-        "jax>=0.10,<0.12",
+        "jax>=0.10,<0.13",
         "flax>=0.12,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12,<0.13",

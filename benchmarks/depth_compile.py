@@ -1,4 +1,4 @@
-"""Compile time and step time versus depth, scanned and unrolled (issue 2, issue 10); prints JSON.
+"""Compile time and step time versus depth, scanned and unrolled; prints JSON.
 
   python benchmarks/depth_compile.py            # scan: 8, 64, 256, 1024 blocks; loop: 8, 32, 64 (~10 min)
   python benchmarks/depth_compile.py --small    # seconds-long smoke run
@@ -9,7 +9,7 @@ fresh jits (a new closure each time, so nothing comes from JAX's in-memory cache
   lower_s, compile_s: wall seconds of `jit(step).lower(state, batch)` and of `.compile()` (medians);
   lower_compile_s: median of their per-sample sum; lower_compile_cpu_s: the same in this process's CPU
   seconds (all threads), much less sensitive to other jobs on a shared host than wall time;
-and the median seconds of `--steps` synchronised train steps. `criterion` checks issue 2's target:
+and the median seconds of `--steps` synchronised train steps. `criterion` checks the target:
 with scanning, compile at the deepest depth within 1.5x of the shallowest (median wall and CPU).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Time the Pallas RMSNorm kernels against the plain XLA expression; print one JSON object.
 
-  python benchmarks/norm_kernels.py            # issue 5 shapes, on the default backend
+  python benchmarks/norm_kernels.py            # full-size shapes (FULL_SHAPES), on the default backend
   python benchmarks/norm_kernels.py --small    # CPU smoke run: interpret mode, tiny shapes
 
 For each (tokens, width), dtype and op (`add_rms_norm`: Keel's fused `N(alpha * x + f)`, and
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from keel_jax.kernels import rmsnorm as K
 
-ISSUE_SHAPES = ((16384, 1024), (16384, 4096), (65536, 2048))
+FULL_SHAPES = ((16384, 1024), (16384, 4096), (65536, 2048))
 SMALL_SHAPES = ((256, 128), (130, 1000))
 
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
   backend = jax.default_backend()
   interpret = args.small or backend == "cpu"
   kernel_kw = dict(block_rows=args.block_rows, interpret=interpret, lowering=args.lowering)
-  shapes = SMALL_SHAPES if args.small else ISSUE_SHAPES
+  shapes = SMALL_SHAPES if args.small else FULL_SHAPES
   iters = args.iters or (2 if interpret else 20)
   results = run(shapes, args.dtypes.split(","), args.ops.split(","), iters, kernel_kw)
   report = dict(

@@ -1,4 +1,4 @@
-"""Train-step time, tokens/s and MFU; Keel's overhead over Pre-LN; the speed habits (issue 10). JSON.
+"""Train-step time, tokens/s and MFU; Keel's overhead over Pre-LN; the speed habits. JSON.
 
   python benchmarks/step_time.py            # width 512, 4 blocks, seq 256, batch 4 (~5-10 min on 2 cores)
   python benchmarks/step_time.py --small    # seconds-long smoke run
@@ -46,9 +46,9 @@ def shape_cfg(a, **over):
 
 
 def where_guard_step(model, tx, schedule):
-  """keel_jax.train's step before this benchmark (commit a84dc52): the non-finite guard as
-  jnp.where(finite, new, old) over the whole state, metrics from the unselected update. Kept here
-  as the "before" of the donation measurement; the trainer now uses lax.cond."""
+  """The train step with the non-finite guard as jnp.where(finite, new, old) over the whole state
+  (metrics from the unselected update): the baseline of the donation measurement, against the
+  trainer's lax.cond guard."""
   import optax
   import jax.numpy as jnp
   from keel_jax.diagnostics import sublayer_norms

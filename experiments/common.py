@@ -1,5 +1,6 @@
-"""Shared plumbing for the depth studies: sizes, configs, running a grid through `keel_jax.train.train`,
-loading trained params, one JSON of results per study, PNG plots.
+"""Shared plumbing for the depth studies: sizes, configs, the study runner (`run_study`: a grid of runs
+through `keel_jax.train.train`, one JSON of results per study, PNG plots). Trained runs are read
+back with `keel_jax.load.load_run`.
 
 Every study is `python experiments/<study>.py --out DIR [--size cpu|paper|mini]`. Results go to
 `DIR/<study>.json` (rewritten after every run, so an interrupted grid resumes where it stopped when
@@ -40,7 +41,7 @@ def parse_args(description: str) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--out", required=True, help="output directory: <study>.json, PNG plots, runs/")
   p.add_argument("--size", default="cpu", choices=SIZES,
-                 help="mini: seconds (tests); cpu: this 2-core machine; paper: DESIGN.md's setup (accelerators)")
+                 help="mini: seconds (tests); cpu: this 2-core machine; paper: the paper's setup, docs/DESIGN.md section 2.8 (accelerators)")
   p.add_argument("--fresh", action="store_true", help="ignore results already in --out and rerun every run")
   return p.parse_args()
 
@@ -128,6 +129,21 @@ class Study:
     return os.path.join(self.out, f"{self.name}_{stem}.png")
 
 
+def run_study(name: str, doc: str, setups: dict, grid: Callable, report: Callable) -> None:
+  """The main() of every study: --out, --size and --fresh from the command line; each (key, fn) that
+  `grid(study, size, setup)` yields run once (`Study.run`); then `report(study, setup)` writes the
+  tables and plots and returns a markdown table to print (or None)."""
+  args = parse_args(doc)
+  setup = setups[args.size]
+  study = Study(name, args, setup)
+  for key, fn in grid(study, args.size, setup):
+    study.run(key, fn)
+  md = report(study, setup)
+  if md:
+    print(md)
+  study.log("done", study.path)
+
+
 def summary(out: dict) -> str:
   keys = [k for k, v in out.items() if isinstance(v, (int, float, str)) and k != "seconds"]
   return ", ".join(f"{k}={fmt(out[k])}" for k in keys[:6])
@@ -175,16 +191,6 @@ def train_run(cfg, workdir: str, log_path: str | None = None) -> dict:
 
 def train_records(records: list[dict]) -> list[dict]:
   return [r for r in records if r.get("kind") == "train"]
-
-
-def load_params(workdir: str):
-  """Params of the newest checkpoint in `workdir/checkpoints` (no target tree needed: plain arrays)."""
-  import orbax.checkpoint as ocp
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  step = manager.latest_step()
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  return step, restored["state"]["params"]
 
 
 def model_for(cfg, vocab_size: int):

@@ -7,8 +7,9 @@ Pre-LN and Keel at every depth, the other blocks at a subset (CPU time); one fix
 """
 from __future__ import annotations
 
+import functools
+
 import common
-import numpy as np
 
 SETUPS = {
     "mini": dict(depths={"pre_ln": [2, 4], "keel": [2]}, d_model=16, seq_len=16, batch_size=4, steps=6,
@@ -19,7 +20,7 @@ SETUPS = {
                 # Added after the first results (Keel flat in depth, Post-LN improving): is alpha = L too
                 # large a shortcut weight for a 150-step budget? Same run with other keel_alpha rules.
                 alpha_check=dict(depth=64, alphas=["sqrt_L", "1"])),
-    # DESIGN.md's model and recipe, 20k steps per depth.
+    # The paper's model and recipe (docs/DESIGN.md section 2.8), 20k steps per depth.
     "paper": dict(depths={b: [16, 64, 128, 256, 512, 1024] for b in ("pre_ln", "keel")} |
                   {b: [16, 64, 256] for b in ("post_ln", "deepnorm", "mix_ln")}, steps=20_000, lr=1e-3),
 }
@@ -46,19 +47,19 @@ def run_one(study, size, s, block, depth, alpha: str | None = None) -> dict:
           "loss_spike_events": sum(r.get("event") == "loss_spike" for r in run["records"])}
 
 
-def main() -> None:
-  args = common.parse_args(__doc__)
-  s = SETUPS[args.size]
-  study = common.Study("depth_scaling", args, s)
+def grid(study, size, s):
   # Shallow first across blocks: an interrupted grid still has a comparable table.
   for depth in sorted({d for ds in s["depths"].values() for d in ds}):
     for block, ds in s["depths"].items():
       if depth in ds:
-        study.run(f"{block}_L{depth}", lambda: run_one(study, args.size, s, block, depth))
+        yield f"{block}_L{depth}", functools.partial(run_one, study, size, s, block, depth)
   a = s.get("alpha_check")
-  if a:
-    for alpha in a["alphas"]:
-      study.run(f"keel_L{a['depth']}_alpha{alpha}", lambda: run_one(study, args.size, s, "keel", a["depth"], alpha))
+  for alpha in a["alphas"] if a else ():
+    yield f"keel_L{a['depth']}_alpha{alpha}", functools.partial(run_one, study, size, s, "keel", a["depth"], alpha)
+
+
+def report(study, s) -> str:
+  a = s.get("alpha_check")
   runs = study.result["runs"]
   all_depths = sorted({d for ds in s["depths"].values() for d in ds})
   lines = ["| block | " + " | ".join(f"L={d}" for d in all_depths) + " |", "|" + "---|" * (len(all_depths) + 1)]
@@ -85,8 +86,8 @@ def main() -> None:
   ax.minorticks_off()  # log-axis minor labels ('3x10^0') clutter a handful of depths
   ax.legend(fontsize=7)
   common.savefig(fig, study.png("loss_vs_depth"))
-  print(md)
+  return md
 
 
 if __name__ == "__main__":
-  main()
+  common.run_study("depth_scaling", __doc__, SETUPS, grid, report)

@@ -8,15 +8,16 @@ halts on non-finite values is reported as diverged (plotted at the top of the ax
 """
 from __future__ import annotations
 
+import functools
+
 import common
-import numpy as np
 
 SETUPS = {
     "mini": dict(depth=4, lrs=[1e-3, 1e-2], blocks=["keel"], d_model=16, seq_len=16,
                  batch_size=4, steps=6, warmup=2, max_files=40),
     "cpu": dict(depth=16, lrs=[1e-3, 3e-3, 1e-2, 3e-2], blocks=list(common.BLOCKS), d_model=64,
                 seq_len=64, batch_size=8, steps=150, warmup=15, max_files=200),
-    # DESIGN.md's model at 64 sub-layers, a short run (10k steps, 2500 warmup) per LR.
+    # The paper's model (docs/DESIGN.md section 2.8) at 64 sub-layers, a short run (10k steps, 2500 warmup) per LR.
     "paper": dict(depth=64, lrs=[3e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], blocks=list(common.BLOCKS),
                   steps=10_000, warmup=2500),
 }
@@ -41,13 +42,13 @@ def run_one(study, size, s, block, lr) -> dict:
           "loss_spike_events": sum(r.get("event") == "loss_spike" for r in run["records"])}
 
 
-def main() -> None:
-  args = common.parse_args(__doc__)
-  s = SETUPS[args.size]
-  study = common.Study("lr_sweep", args, s)
+def grid(study, size, s):
   for block in s["blocks"]:
     for lr in s["lrs"]:
-      study.run(f"{block}_lr{lr:g}", lambda: run_one(study, args.size, s, block, lr))
+      yield f"{block}_lr{lr:g}", functools.partial(run_one, study, size, s, block, lr)
+
+
+def report(study, s) -> str:
   runs = study.result["runs"]
   loss = lambda b, lr: runs[f"{b}_lr{lr:g}"]["eval_loss"]
   best = {}
@@ -70,8 +71,8 @@ def main() -> None:
          title=f"{s['depth']} sub-layers")
   ax.legend(fontsize=7)
   common.savefig(fig, study.png("loss_vs_lr"))
-  print(md)
+  return md
 
 
 if __name__ == "__main__":
-  main()
+  common.run_study("lr_sweep", __doc__, SETUPS, grid, report)

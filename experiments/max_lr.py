@@ -28,6 +28,8 @@ stored loss curves on every invocation, so the rule can be inspected and changed
 """
 from __future__ import annotations
 
+import functools
+
 import common
 import numpy as np
 
@@ -43,7 +45,7 @@ SETUPS = {
                 # Added after the first results: is the gap to the paper's max LRs a width effect? Adam's
                 # stable LR shrinks with width; the paper's model is 16x wider than this grid's.
                 width_check=dict(depth=16, d_model=256, blocks=["pre_ln", "post_ln", "keel"])),
-    # DESIGN.md: 0 -> 5e-2 over 5000 steps, 64 and 512 sub-layers (configs/paper_max_lr.py).
+    # docs/DESIGN.md section 2.8: 0 -> 5e-2 over 5000 steps, 64 and 512 sub-layers (configs/paper_max_lr.py).
     "paper": dict(depths=[64, 512], blocks=list(common.BLOCKS), steps=5000),
 }
 # The divergence rule's windows per size (steps); kept apart from SETUPS because they do not change the
@@ -52,7 +54,7 @@ RULES = {"mini": dict(recover_window=5, stag_window=10, stag_eps=0.02),
          "cpu": dict(recover_window=50, stag_window=100, stag_eps=0.02),
          "paper": dict(recover_window=250, stag_window=1000, stag_eps=0.02)}
 
-PAPER_TABLE = {  # DESIGN.md section 2: max LR at 64 / 512 sub-layers
+PAPER_TABLE = {  # docs/DESIGN.md section 2.8: max LR at 64 / 512 sub-layers
     "post_ln": (3.0e-4, 2.8e-4), "deepnorm": (3.5e-4, 3.5e-4), "mix_ln": (8.6e-4, 3.5e-4),
     "pre_ln": (7.65e-3, 4.67e-3), "keel": (1.01e-2, 6.31e-3)}
 
@@ -171,19 +173,19 @@ def table_markdown(study, s) -> str:
   return "\n".join(lines)
 
 
-def main() -> None:
-  args = common.parse_args(__doc__)
-  s = SETUPS[args.size]
-  study = common.Study("max_lr", args, s)
+def grid(study, size, s):
   for depth in s["depths"]:
     for block in s["blocks"]:
-      study.run(f"{block}_L{depth}", lambda: run_one(study, args.size, s, block, depth))
+      yield f"{block}_L{depth}", functools.partial(run_one, study, size, s, block, depth)
   w = s.get("width_check")
-  if w:
-    for block in w["blocks"]:
-      study.run(f"{block}_L{w['depth']}_d{w['d_model']}",
-                lambda: run_one(study, args.size, s, block, w["depth"], w["d_model"]))
-  rule = RULES[args.size]
+  for block in w["blocks"] if w else ():
+    yield (f"{block}_L{w['depth']}_d{w['d_model']}",
+           functools.partial(run_one, study, size, s, block, w["depth"], w["d_model"]))
+
+
+def report(study, s) -> str:
+  w = s.get("width_check")
+  rule = RULES[study.size]
   table = {k: {**verdict(r, rule), "no_stagnation": verdict(r, rule, ("nonfinite", "spike"))}
            for k, r in study.result["runs"].items()}
   study.save(table=table, rule=dict(spike_rel=SPIKE_REL, recover_rel=RECOVER_REL, smooth=SMOOTH, peak_lr=PEAK_LR,
@@ -197,8 +199,8 @@ def main() -> None:
       md += f"| {b} | {cell(a)} | {cell(a['no_stagnation'])} | {cell(c)} | {cell(c['no_stagnation'])} |\n"
   study.save(table_markdown=md)
   plot(study, s)
-  print(md)
+  return md
 
 
 if __name__ == "__main__":
-  main()
+  common.run_study("max_lr", __doc__, SETUPS, grid, report)

@@ -8,8 +8,9 @@ only (the training loss covers every position; inputs are random, so only answer
 """
 from __future__ import annotations
 
+import functools
+
 import common
-import numpy as np
 
 SETUPS = {
     "mini": dict(tasks=["s5", "khop", "addition"], blocks=["keel"], depths=[2], d_model=16,
@@ -37,27 +38,27 @@ def make_config(size: str, s: dict, task: str, block: str, depth: int):
 
 def run_one(study, size, s, task, block, depth) -> dict:
   from keel_jax.data import synthetic
+  from keel_jax.load import load_run
   cfg = make_config(size, s, task, block, depth)
   workdir = study.workdir(f"{task}_{block}_L{depth}")
   run = common.train_run(cfg, workdir, study.log_path)
   out = {"task": task, "block": block, "depth": depth, "eval_loss": run["eval"].get("eval_loss"),
          "halted": run["halted"], "chance": synthetic.chance_accuracy(task)}
   if run["halted"] is None:
-    _, params = common.load_params(workdir)
-    model = common.model_for(cfg, synthetic.parse_task(task).vocab_size)
+    trained = load_run(workdir)
     tokens, answer = synthetic.eval_rows(task, cfg.data.seq_len, s["eval_windows"])
-    out.update(synthetic.answer_accuracy(model, params, tokens, answer))
+    out.update(synthetic.answer_accuracy(trained.model, trained.params, tokens, answer))
   return out
 
 
-def main() -> None:
-  args = common.parse_args(__doc__)
-  s = SETUPS[args.size]
-  study = common.Study("synthetic_depth", args, s)
+def grid(study, size, s):
   for task in s["tasks"]:
     for depth in s["depths"]:
       for block in s["blocks"]:
-        study.run(f"{task}_{block}_L{depth}", lambda: run_one(study, args.size, s, task, block, depth))
+        yield f"{task}_{block}_L{depth}", functools.partial(run_one, study, size, s, task, block, depth)
+
+
+def report(study, s) -> str:
   runs = study.result["runs"]
   acc = lambda t, b, d: runs[f"{t}_{b}_L{d}"].get("answer_accuracy", float("nan"))
   lines = ["| task | block | " + " | ".join(f"L={d}" for d in s["depths"]) + " | chance |",
@@ -90,8 +91,8 @@ def main() -> None:
     ax.set(title=t, xlabel="answer index in window", ylabel="accuracy", ylim=(0, 1))
   axes[0][0].legend(fontsize=5)
   common.savefig(fig, study.png("by_answer_index"))
-  print(md)
+  return md
 
 
 if __name__ == "__main__":
-  main()
+  common.run_study("synthetic_depth", __doc__, SETUPS, grid, report)

@@ -42,8 +42,7 @@ def _parse(argv):
 
 def prepare(args) -> dict:
   """Runs the preparation described by parsed `args`; returns the written meta dict."""
-  if not 0 <= args.val_fraction < 1:
-    raise ConfigError('val_fraction', args.val_fraction, 'a float in [0, 1)')
+  data_lib.check_val_fraction('--val_fraction', args.val_fraction, need_val=False)
   files = data_lib.list_files(args.source, args.paths, args.max_files)
   train_files, val_files = data_lib.split_files(files, args.val_fraction)
   print(f'{len(files)} files: {len(train_files)} train, {len(val_files)} validation',

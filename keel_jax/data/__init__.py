@@ -13,11 +13,11 @@ Tokenizers live in keel_jax/tokenizer.py. This package re-exports the public nam
 
 from keel_jax.data.iteration import document_ids, eval_batches, make_train_iterator, num_windows
 from keel_jax.data.packing import TokenData, open_prepared, token_dtype, write_prepared
-from keel_jax.data.pipeline import TOKENIZERS, load_token_data
+from keel_jax.data.pipeline import TOKENIZERS, check_val_fraction, load_token_data, validate
 from keel_jax.data.sources import ON_BAD_FILE, SOURCES, CorpusFile, list_files, read_docs, split_files
 
 __all__ = [
-    'CorpusFile', 'ON_BAD_FILE', 'SOURCES', 'TOKENIZERS', 'TokenData', 'document_ids', 'eval_batches',
-    'list_files', 'load_token_data', 'make_train_iterator', 'num_windows', 'open_prepared',
-    'read_docs', 'split_files', 'token_dtype', 'write_prepared',
+    'CorpusFile', 'ON_BAD_FILE', 'SOURCES', 'TOKENIZERS', 'TokenData', 'check_val_fraction',
+    'document_ids', 'eval_batches', 'list_files', 'load_token_data', 'make_train_iterator', 'num_windows',
+    'open_prepared', 'read_docs', 'split_files', 'token_dtype', 'validate', 'write_prepared',
 ]

@@ -25,16 +25,28 @@ from keel_jax.errors import ConfigError, DataError
 TOKENIZERS = ('byte', 'bpe')
 
 
-def _validate(cfg) -> None:
+def check_val_fraction(field: str, value, need_val: bool) -> None:
+  """(0, 1) when a validation split is needed (training evaluates on it), else [0, 1)."""
+  if not (0 < value < 1 if need_val else 0 <= value < 1):
+    raise ConfigError(field, value, 'a number in (0, 1)' if need_val else 'a number in [0, 1)')
+
+
+def validate(cfg, need_val: bool = True) -> None:
+  """Every check of a data config, in one place: config_lib.validate runs it before training,
+  load_token_data (need_val=False: data without a validation split is fine there) before loading."""
   check_choice('data.source', cfg.source, SOURCES)
   check_choice('data.tokenizer', cfg.tokenizer, TOKENIZERS)
   check_choice('data.on_bad_file', cfg.on_bad_file, ON_BAD_FILE)
-  for field in ('seq_len', 'batch_size'):
+  for field in ('seq_len', 'batch_size', 'eval_batches'):
     v = cfg[field]
     if not isinstance(v, int) or v < 1:
-      raise ConfigError(f'data.{field}', v, 'a positive int')
-  if not 0 <= cfg.val_fraction < 1:
-    raise ConfigError('data.val_fraction', cfg.val_fraction, 'a float in [0, 1)')
+      raise ConfigError(f'data.{field}', v, 'a positive integer')
+  check_val_fraction('data.val_fraction', cfg.val_fraction, need_val)
+  if cfg.source == 'files' and not cfg.paths:
+    raise ConfigError('data.paths', cfg.paths, "a glob (or comma-separated globs) when data.source='files'")
+  if cfg.source == 'prepared' and not cfg.prepared_dir:
+    raise ConfigError('data.prepared_dir', cfg.prepared_dir,
+                      "the directory written by `python -m keel_jax.prepare` when data.source='prepared'")
 
 
 def _sync_workdir_tokenizer(tok, workdir: str | None) -> None:
@@ -90,13 +102,11 @@ def load_token_data(data_cfg, workdir: str | None = None, tokenizer_dir: str | N
   workdir, in a local directory: keel_jax.paths.local_dir).
   """
   cfg = data_cfg
-  _validate(cfg)
+  validate(cfg, need_val=False)
   check_val = cfg.val_fraction > 0
   if cfg.source == 'synthetic':  # generated task windows; no files, no tokenizer dir
     return synthetic.load_token_data(cfg)
   if cfg.source == 'prepared':
-    if not cfg.prepared_dir:
-      raise ConfigError('data.prepared_dir', cfg.prepared_dir, 'a directory written by prepare')
     local = paths.local_copy(cfg.prepared_dir, log=logging.warning)  # gs://: copied once per host
     data = open_prepared(local, cfg.seq_len, cfg.batch_size, check_val=check_val)
     prepared_tok = tokenizer_lib.load_tokenizer(os.path.join(local, 'tokenizer'))
