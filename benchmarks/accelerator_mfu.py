@@ -63,7 +63,7 @@ def model_flops_per_token(mc: ModelConfig, seq_len: int) -> float:
 
 
 def model_config(a, remat: str) -> ModelConfig:
-  return ModelConfig(vocab_size=a.vocab, block=a.block, num_layers=a.blocks, d_model=a.d_model,
+  return ModelConfig(vocab_size=a.vocab, block=a.block, num_blocks=a.blocks, d_model=a.d_model,
                      num_heads=a.heads, num_kv_heads=a.kv_heads, d_ff=a.d_ff, max_seq_len=a.seq_len,
                      remat_policy=remat, dtype=a.dtype, norm_impl=a.norm_impl, scan_groups=a.scan_groups)
 

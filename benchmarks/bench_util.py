@@ -31,12 +31,12 @@ def env_info() -> dict[str, Any]:
           "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def make_cfg(block: str = "keel", num_layers: int = 8, d_model: int = 64, seq_len: int = 64,
+def make_cfg(block: str = "keel", num_blocks: int = 8, d_model: int = 64, seq_len: int = 64,
              batch_size: int = 4, d_ff: int | None = None, num_heads: int = 4, num_kv_heads: int = 2,
              lr: float = 3e-3, **model: Any):
   """A base_config with the model/data fields a benchmark varies; `model` overrides any model field."""
   cfg = config_lib.base_config()
-  cfg.model.update(block=block, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
+  cfg.model.update(block=block, num_blocks=num_blocks, d_model=d_model, num_heads=num_heads,
                    num_kv_heads=num_kv_heads, d_ff=d_ff or 3 * d_model, **model)
   cfg.data.update(seq_len=seq_len, batch_size=batch_size)
   cfg.train.update(lr=lr)

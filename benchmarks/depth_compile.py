@@ -31,7 +31,7 @@ def measure(scan: bool, depths: list[int], a) -> list[dict]:
   shared host then hits every depth alike, and the medians compare like with like."""
   recs, cfgs, states, compiled = [], {}, {}, {}
   for depth in depths:
-    cfg = bu.make_cfg(num_layers=depth, d_model=a.d_model, seq_len=a.seq_len, batch_size=a.batch_size,
+    cfg = bu.make_cfg(num_blocks=depth, d_model=a.d_model, seq_len=a.seq_len, batch_size=a.batch_size,
                       scan_layers=scan, remat_policy=a.remat)
     _, init, _ = bu.build(cfg)
     start = time.perf_counter()

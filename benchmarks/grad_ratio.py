@@ -39,7 +39,7 @@ def ratios(g) -> dict[str, float]:
 
 
 def run_block(block: str, a, token_data) -> dict:
-  cfg = bu.make_cfg(block=block, num_layers=a.blocks, d_model=a.d_model, seq_len=a.seq_len,
+  cfg = bu.make_cfg(block=block, num_blocks=a.blocks, d_model=a.d_model, seq_len=a.seq_len,
                     batch_size=a.batch_size, lr=a.lr, remat_policy="none")
   cfg.train.update(schedule="linear_warmup_only", warmup_steps=a.warmup, num_steps=a.steps, seed=a.seed)
   model, init, step = bu.build(cfg)

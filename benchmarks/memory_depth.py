@@ -44,7 +44,7 @@ def child(spec: dict) -> dict:
   import bench_util as bu
   base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   model_kw = {"remat_policy": spec["remat"], "scan_groups": spec["groups"]}
-  cfg = bu.make_cfg(block="keel", num_layers=spec["blocks"], d_model=spec["d_model"], seq_len=spec["seq_len"],
+  cfg = bu.make_cfg(block="keel", num_blocks=spec["blocks"], d_model=spec["d_model"], seq_len=spec["seq_len"],
                     batch_size=spec["batch_size"], num_heads=spec["heads"], num_kv_heads=spec["kv_heads"],
                     **model_kw)
   cfg.train.warmup_steps = 1  # full lr from the second step: the few steps visibly train

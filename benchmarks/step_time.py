@@ -39,7 +39,7 @@ PARTS = ("peak", "overhead", "donate", "late_metrics", "bf16", "cache")
 
 
 def shape_cfg(a, **over):
-  kw = dict(block="keel", num_layers=a.blocks, d_model=a.d_model, seq_len=a.seq_len, batch_size=a.batch_size,
+  kw = dict(block="keel", num_blocks=a.blocks, d_model=a.d_model, seq_len=a.seq_len, batch_size=a.batch_size,
             num_heads=a.heads, num_kv_heads=a.kv_heads, remat_policy=a.remat)
   kw.update(over)
   return bu.make_cfg(**kw)

@@ -33,7 +33,7 @@ def main() -> None:
   p.add_argument("--rounds", type=int, default=30)
   p.add_argument("--every", type=int, default=50, help="telemetry interval for the amortized number")
   a = p.parse_args()
-  cfg = bu.make_cfg(block="keel", num_layers=a.blocks, d_model=a.d_model, seq_len=a.seq_len, batch_size=a.batch_size,
+  cfg = bu.make_cfg(block="keel", num_blocks=a.blocks, d_model=a.d_model, seq_len=a.seq_len, batch_size=a.batch_size,
                     num_heads=max(a.d_model // 16, 2), num_kv_heads=max(a.d_model // 32, 1), d_ff=2 * a.d_model)
   env = bu.env_info()
   model, init, plain = bu.build(cfg)

@@ -57,7 +57,7 @@ def variants(chips: int, sublayers: int):
 
 def compile_variant(row: str, overrides: dict, topology: str, timeout: int) -> dict:
   block, sublayers = row.split("/")
-  flags = [f"--config.model.block={block}", f"--config.model.num_layers={int(sublayers) // 2}",
+  flags = [f"--config.model.block={block}", f"--config.model.num_blocks={int(sublayers) // 2}",
            "--config.model.norm_impl=pallas"]
   flags += [f"--config.{k}={v}" for k, v in overrides.items()]
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **aot.TPU_ENV)

@@ -8,7 +8,7 @@ from keel_jax import config_lib
 
 def get_config(arg=None):
   cfg = config_lib.base_config()
-  cfg.model.update(block="keel", num_layers=5000, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64,
+  cfg.model.update(block="keel", num_blocks=5000, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64,
                    scan_groups=50, remat_policy="full")
   cfg.data.update(source="stdlib", max_files=200, seq_len=32, batch_size=8, eval_batches=4)
   cfg.train.update(num_steps=300, lr=3e-3, warmup_steps=20, log_every=1, eval_every=50,

@@ -14,7 +14,7 @@ from keel_jax import config_lib
 
 def get_config(arg=None):
   cfg = config_lib.base_config()
-  cfg.model.update(block="keel", num_layers=256, d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072,
+  cfg.model.update(block="keel", num_blocks=256, d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072,
                    dtype="bfloat16", remat_policy="full", scan_groups=16, attention_impl="auto")
   cfg.data.update(source="prepared", prepared_dir="data/prepared", tokenizer="bpe", seq_len=4096,
                   batch_size=256, eval_batches=32)

@@ -1,13 +1,13 @@
-# python -m keel_jax.train --config configs/paper_max_lr.py:block=keel,num_layers=32 --workdir workdirs/maxlr_keel_64
+# python -m keel_jax.train --config configs/paper_max_lr.py:block=keel,num_blocks=32 --workdir workdirs/maxlr_keel_64
 # The paper's max-LR stress test (Table 1): linear warmup 0 -> 5e-2 over 5000 steps, no decay; the max
 # LR is the LR one step before divergence (experiments/max_lr.py reads it off metrics.jsonl).
-# 64 sub-layers = num_layers=32; 512 sub-layers = num_layers=256.
+# 64 sub-layers = num_blocks=32; 512 sub-layers = num_blocks=256.
 from keel_jax import config_lib
 
 
 def get_config(arg=None):
   cfg = config_lib.base_config()
-  cfg.model.update(block="keel", num_layers=32, d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072,
+  cfg.model.update(block="keel", num_blocks=32, d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072,
                    dtype="bfloat16", remat_policy="save_dots_no_batch")
   cfg.data.update(source="prepared", prepared_dir="data/prepared", tokenizer="bpe", seq_len=4096,
                   batch_size=256, eval_batches=8)

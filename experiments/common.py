@@ -61,7 +61,7 @@ def small_config(*, block: str, sub_layers: int, d_model: int, seq_len: int, bat
   """A CPU/mini config on the byte-level stdlib corpus. Heads scale with width (head_dim 16)."""
   cfg = config_lib.base_config()
   heads = max(d_model // 16, 2)
-  cfg.model.update(block=block, num_layers=sub_layers // 2, d_model=d_model, num_heads=heads,
+  cfg.model.update(block=block, num_blocks=sub_layers // 2, d_model=d_model, num_heads=heads,
                    num_kv_heads=max(heads // 2, 1), d_ff=2 * d_model)
   cfg.data.update(source="stdlib", max_files=max_files, seq_len=seq_len, batch_size=batch_size,
                   eval_batches=eval_batches)
@@ -73,7 +73,7 @@ def small_config(*, block: str, sub_layers: int, d_model: int, seq_len: int, bat
 
 
 def paper_config(name: str, *, block: str, sub_layers: int, **train_overrides) -> ml_collections.ConfigDict:
-  cfg = load_config_file(name, f"block={block},num_layers={sub_layers // 2}")
+  cfg = load_config_file(name, f"block={block},num_blocks={sub_layers // 2}")
   cfg.train.update(**train_overrides)
   return cfg
 

@@ -49,7 +49,7 @@ SETUPS = {
     "smoke": dict(blocks=["keel"], sublayers=[4], seeds=[0, 1], lr=3e-3,
                   extra_lrs={4: [1e-2]}, d_model=16, seq_len=16, batch_size=4, steps=12, warmup=2,
                   eval_every=6, max_files=40, telemetry_every=0,
-                  deepest=dict(blocks=["keel"], arg="num_layers=8,scan_groups=2,num_steps=8,warmup_steps=2,"
+                  deepest=dict(blocks=["keel"], arg="num_blocks=8,scan_groups=2,num_steps=8,warmup_steps=2,"
                                "log_every=2,eval_every=4,checkpoint_every=8,telemetry_every=4,max_files=40")),
     "cpu": dict(blocks=list(common.BLOCKS), sublayers=[64, 256, 1024, 2048], seeds=[0, 1, 2], lr=3e-3,
                 seeds_deep=[0],  # 2048 sub-layers: one seed (CPU time)
@@ -198,10 +198,10 @@ def run_deepest_one(study, s: dict, block: str) -> dict:
   records = metrics.read_records(workdir)
   entropy = data_entropy(cfg.data)
   tokens = cfg.data.batch_size * cfg.data.seq_len
-  out = {"block": block, "sublayers": 2 * cfg.model.num_layers, "blocks": cfg.model.num_layers,
+  out = {"block": block, "sublayers": 2 * cfg.model.num_blocks, "blocks": cfg.model.num_blocks,
          "d_model": cfg.model.d_model, "steps": cfg.train.num_steps, "lr": cfg.train.lr,
          "command": " ".join(["python -m keel_jax.train --config", f"configs/keel_10k.py:{arg}", "--workdir W"]),
-         "predicted_grad_ratio": paper_prediction(block, 2 * cfg.model.num_layers),
+         "predicted_grad_ratio": paper_prediction(block, 2 * cfg.model.num_blocks),
          **summarize(records, entropy, "exit code 3" if code == 3 else None, tokens, cfg.train.num_steps),
          "wall_s": wall, "peak_rss_gib": usage.ru_maxrss / 2 ** 20, "compile_s": compile_seconds(cfg)}
   out["below_unigram"] = out["final_train_loss"] < entropy

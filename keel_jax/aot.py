@@ -245,7 +245,7 @@ def build_report(cfg, slc, reports: list[StepReport]) -> dict[str, Any]:
   out = {
       "topology": slc.name, "chips": slc.chips, "tpu_topology": slc.topology,
       "mesh": dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, slc.chips))),
-      "model": {k: cfg.model[k] for k in ("block", "num_layers", "d_model", "dtype", "remat_policy",
+      "model": {k: cfg.model[k] for k in ("block", "num_blocks", "d_model", "dtype", "remat_policy",
                                           "scan_groups", "norm_impl")},
       "sublayers": model_cfg.num_sublayers, "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
       "fits": all(0 <= r.per_chip_bytes <= hbm for r in reports),
@@ -280,10 +280,10 @@ def suggestions(cfg, model_cfg, slc, train: StepReport) -> list[dict[str, Any]]:
     out.append({"overrides": {"model.remat_policy": "full"},
                 "why": "save only each block's input for the backward pass (about 1/3 more compute)"})
   if not model_cfg.scan_groups:
-    g = nested_scan_groups(model_cfg.num_layers)
+    g = nested_scan_groups(model_cfg.num_blocks)
     if g:
       out.append({"overrides": {"model.scan_groups": g},
-                  "why": f"nested scan: {g} groups of {model_cfg.num_layers // g} blocks keep ~sqrt(depth) "
+                  "why": f"nested scan: {g} groups of {model_cfg.num_blocks // g} blocks keep ~sqrt(depth) "
                          "residual-stream copies instead of one per block"})
   per_chip_batch = cfg.data.batch_size // (data * fsdp)
   k = 2 * cfg.train.get("grad_accum_steps", 1)
@@ -303,10 +303,10 @@ def suggestions(cfg, model_cfg, slc, train: StepReport) -> list[dict[str, Any]]:
   return out
 
 
-def nested_scan_groups(num_layers: int) -> int:
-  """The divisor of num_layers nearest sqrt(num_layers) (0 when there is none above 1)."""
-  divisors = [g for g in range(2, num_layers) if num_layers % g == 0]
-  return min(divisors, key=lambda g: abs(g - math.sqrt(num_layers))) if divisors else 0
+def nested_scan_groups(num_blocks: int) -> int:
+  """The divisor of num_blocks nearest sqrt(num_blocks) (0 when there is none above 1)."""
+  divisors = [g for g in range(2, num_blocks) if num_blocks % g == 0]
+  return min(divisors, key=lambda g: abs(g - math.sqrt(num_blocks))) if divisors else 0
 
 
 def with_overrides(cfg, overrides: dict[str, Any]):

@@ -60,17 +60,17 @@ BLOCK_RULES: dict[str, BlockRule] = {
     "keel": BlockRule("norm_in", "norm_out", alpha=lambda c: c.alpha, first_layer=keel_first_layer),
     "pre_ln": BlockRule("norm_in", None, final_norm=True),
     "post_ln": BlockRule(None, "norm_out"),
-    "deepnorm": BlockRule(None, "norm_out", alpha=lambda c: deepnorm_alpha_beta(c.num_layers)[0],
-                          init_scale=lambda c: deepnorm_alpha_beta(c.num_layers)[1]),
+    "deepnorm": BlockRule(None, "norm_out", alpha=lambda c: deepnorm_alpha_beta(c.num_blocks)[0],
+                          init_scale=lambda c: deepnorm_alpha_beta(c.num_blocks)[1]),
     "mix_ln": BlockRule("norm", "norm", final_norm=True,
-                        post_ln_blocks=lambda c: int(round(c.mix_ln_fraction * c.num_layers))),
+                        post_ln_blocks=lambda c: int(round(c.mix_ln_fraction * c.num_blocks))),
 }
 BLOCKS = tuple(BLOCK_RULES)
 
 
 def sublayer_schedule(cfg) -> dict[str, np.ndarray]:
-  """Per-sub-layer constants {'alpha', 'pre', 'post'}, each float32 [num_layers, 2] (attn, ffn)."""
-  rule, B = BLOCK_RULES[cfg.block], cfg.num_layers
+  """Per-sub-layer constants {'alpha', 'pre', 'post'}, each float32 [num_blocks, 2] (attn, ffn)."""
+  rule, B = BLOCK_RULES[cfg.block], cfg.num_blocks
   alpha = np.full((B, 2), rule.alpha(cfg), np.float32)
   pre = np.full((B, 2), rule.norm_in is not None, np.float32)
   post = np.full((B, 2), rule.norm_out is not None, np.float32)

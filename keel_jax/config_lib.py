@@ -1,7 +1,7 @@
 """Config helpers: the base ConfigDict every config file starts from, `key=value` args, validation.
 
 A config file is `configs/<name>.py` with `get_config(arg=None)`; `arg` is the text after ':' in
-`--config configs/<name>.py:block=pre_ln,num_layers=32` and sets `model.*` / `data.*` / `train.*`
+`--config configs/<name>.py:block=pre_ln,num_blocks=32` and sets `model.*` / `data.*` / `train.*`
 fields by their short or dotted names.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from absl import flags
 
 from keel_jax import data as data_lib
 from keel_jax.errors import EXIT_BAD_INPUT, ConfigError
-from keel_jax.model_config import ModelConfig, model_defaults
+from keel_jax.model_config import RENAMED_FIELDS, ModelConfig, model_defaults, warn_renamed
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -70,10 +70,14 @@ SECTIONS = ("model", "data", "train", "mesh")
 
 
 def apply_arg(cfg: ml_collections.ConfigDict, arg: str | None, ignore: tuple[str, ...] = ()) -> None:
-  """Sets fields from `arg`. 'num_layers=8' finds the one section holding that name; 'train.lr=1e-3' is explicit."""
+  """Sets fields from `arg`. 'num_blocks=8' finds the one section holding that name; 'train.lr=1e-3' is explicit."""
   for key, text in parse_arg(arg).items():
     if key in ignore:
       continue
+    section, _, name = key.rpartition(".")
+    if name in RENAMED_FIELDS and section in ("", "model"):
+      warn_renamed(name)
+      key = f"{section}.{RENAMED_FIELDS[name]}" if section else RENAMED_FIELDS[name]
     if "." in key:
       section, name = key.split(".", 1)
     else:
@@ -118,6 +122,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flags parser for every CLI that takes --config (`app.run(main, flags_parser=parse_flags)`):
   a ConfigError in the config file or its :arg, and an unknown field in a --config.<section>.<field>
   override, exit 2 with the message (field and closest names), not a traceback."""
+  upgraded = upgrade_argv(argv)
+  if argv is sys.argv:  # ml_collections reads the overrides from sys.argv itself
+    sys.argv[:] = upgraded
+  argv = upgraded
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # absl and ml_collections re-wrap what the config file raised
@@ -126,6 +134,18 @@ def parse_flags(argv: list[str]) -> list[str]:
       raise
     print(f"error: {error}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
+
+
+def upgrade_argv(argv: list[str], flag: str = "config") -> list[str]:
+  """--config.model.<old name>=... overrides rewritten to the current field name (warning for each)."""
+  out = []
+  for a in argv:
+    m = re.fullmatch(rf"(--?(?:no)?{flag}\.model\.)([^=]+)(=.*)?", a)
+    if m and m.group(2) in RENAMED_FIELDS:
+      warn_renamed(m.group(2))
+      a = m.group(1) + RENAMED_FIELDS[m.group(2)] + (m.group(3) or "")
+    out.append(a)
+  return out
 
 
 def _config_error_in(e: BaseException | None) -> ConfigError | None:

@@ -1,6 +1,6 @@
 """Per-sub-layer statistics: the paper's central quantity is the gradient norm of each sub-layer.
 
-Sub-layer order is depth order: attn_0, ffn_0, attn_1, ffn_1, ... (L = 2 * num_layers entries).
+Sub-layer order is depth order: attn_0, ffn_0, attn_1, ffn_1, ... (L = 2 * num_blocks entries).
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ def matmul_flops_per_token(mc: ModelConfig, seq_len: int | None = None) -> dict[
   T = seq_len or mc.max_seq_len
   attn_full_fwd = 2 * 2 * T * mc.num_heads * Hd  # scores + weighted sum, every (t, s) pair
   head_fwd = 2 * D * mc.vocab_size
-  L = mc.num_layers
+  L = mc.num_blocks
   causal = 3 * (L * (per_layer_fwd + attn_full_fwd / 2) + head_fwd)
   return {"weights_fwd": L * per_layer_fwd + head_fwd, "train_flops_per_token": causal,
           "train_flops_per_token_attention_full": 3 * (L * (per_layer_fwd + attn_full_fwd) + head_fwd),

@@ -1,7 +1,7 @@
 """The decoder: embedding -> stack of blocks (scanned over depth) -> [final norm] -> LM head.
 
 Parameters live under 'params' as float32 with logical axis names (`nn.Partitioned` boxes); the
-scanned stack adds a leading 'layers' axis of length num_layers (or ['layer_groups', 'layers'] with
+scanned stack adds a leading 'layers' axis of length num_blocks (or ['layer_groups', 'layers'] with
 the nested scan). `Decoder.apply` returns float32 logits [B, T, V].
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ class BlockGroup(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, consts_Gx2, positions_BxT, segments_BxT):
-    n = self.cfg.num_layers // self.cfg.scan_groups
+    n = self.cfg.num_blocks // self.cfg.scan_groups
     stack = _scan(_maybe_remat(Block, self.cfg.remat_policy), n, "layers")
     x_BxTxD, _ = stack(self.cfg, self.decode, name="blocks")(x_BxTxD, consts_Gx2, positions_BxT, segments_BxT)
     return x_BxTxD, None
@@ -59,11 +59,11 @@ class Decoder(nn.Module):
   decode: bool = False
 
   def layer_constants(self, sublayer_keep=None) -> dict[str, jax.Array]:
-    """Per-sub-layer constants [num_layers, 2], plus `keep` (1 = apply, 0 = skip the sub-layer)."""
+    """Per-sub-layer constants [num_blocks, 2], plus `keep` (1 = apply, 0 = skip the sub-layer)."""
     consts = {k: jnp.asarray(v) for k, v in sublayer_schedule(self.cfg).items()}
-    keep = jnp.ones((self.cfg.num_layers, 2), jnp.float32)
+    keep = jnp.ones((self.cfg.num_blocks, 2), jnp.float32)
     if sublayer_keep is not None:  # [L] in sub-layer order: attn_0, ffn_0, attn_1, ...
-      keep = jnp.asarray(sublayer_keep, jnp.float32).reshape(self.cfg.num_layers, 2)
+      keep = jnp.asarray(sublayer_keep, jnp.float32).reshape(self.cfg.num_blocks, 2)
     return {**consts, "keep": keep}
 
   @nn.compact
@@ -86,16 +86,16 @@ class Decoder(nn.Module):
 
     if not c.scan_layers:  # plain Python loop: for debugging and comparison (compile grows with depth)
       block_cls = _maybe_remat(Block, c.remat_policy)
-      for i in range(c.num_layers):
+      for i in range(c.num_blocks):
         layer_consts = jax.tree.map(lambda a: a[i], consts)
         x_BxTxD, _ = block_cls(c, self.decode, name=f"layers_{i}")(x_BxTxD, layer_consts, positions_BxT, segment_ids_BxT)
     elif c.scan_groups:  # nested scan: remat per group keeps ~sqrt(L) stream copies
       G = c.scan_groups
-      grouped = jax.tree.map(lambda a: a.reshape(G, c.num_layers // G, 2), consts)
+      grouped = jax.tree.map(lambda a: a.reshape(G, c.num_blocks // G, 2), consts)
       stack = _scan(_maybe_remat(BlockGroup, "full"), G, "layer_groups")
       x_BxTxD, _ = stack(c, self.decode, name="layers")(x_BxTxD, grouped, positions_BxT, segment_ids_BxT)
     else:
-      stack = _scan(_maybe_remat(Block, c.remat_policy), c.num_layers, "layers")
+      stack = _scan(_maybe_remat(Block, c.remat_policy), c.num_blocks, "layers")
       x_BxTxD, _ = stack(c, self.decode, name="layers")(x_BxTxD, consts, positions_BxT, segment_ids_BxT)
 
     if BLOCK_RULES[c.block].final_norm:
@@ -131,15 +131,15 @@ def lm_loss(model: Decoder, params, tokens_BxT1: jax.Array, **apply_kwargs) -> j
 # ---- parameter layout helpers -------------------------------------------------------------------
 
 def layer_stack(params, cfg: ModelConfig):
-  """The per-block params as one tree with a leading [num_layers] axis, whatever the layout."""
+  """The per-block params as one tree with a leading [num_blocks] axis, whatever the layout."""
   params = strip_boxes(params)
   if not cfg.scan_layers:
-    blocks = [params[f"layers_{i}"] for i in range(cfg.num_layers)]
+    blocks = [params[f"layers_{i}"] for i in range(cfg.num_blocks)]
     return jax.tree.map(lambda *a: jnp.stack(a), *blocks)
   stack = params["layers"]
   if cfg.scan_groups:
     stack = stack["blocks"]
-    return jax.tree.map(lambda a: a.reshape((cfg.num_layers,) + a.shape[2:]), stack)
+    return jax.tree.map(lambda a: a.reshape((cfg.num_blocks,) + a.shape[2:]), stack)
   return stack
 
 
@@ -148,7 +148,7 @@ def unstack_layers(params, cfg: ModelConfig):
   params = dict(strip_boxes(params))
   stack = layer_stack(params, cfg)
   del params["layers"]
-  for i in range(cfg.num_layers):
+  for i in range(cfg.num_blocks):
     params[f"layers_{i}"] = jax.tree.map(lambda a: a[i], stack)
   return params
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 from keel_jax.block_rules import BLOCK_RULES
@@ -20,15 +21,35 @@ KEEL_FIRST_LAYER_RULES = ("v1", "v2")
 # Fields that choose how the model computes, not what its parameters are: a checkpoint may be resumed
 # or restored with other values (a run trained with Pallas norms on a TPU evaluates with XLA norms on
 # a laptop). scan_layers and scan_groups are not among them: they change the parameter tree's layout.
+# Old model field names that still work, with a FutureWarning naming the new one.
+RENAMED_FIELDS = {"num_layers": "num_blocks"}
+_WHY = {"num_blocks": "it counts blocks; the paper's L (and alpha) counts sub-layers, L = 2 x num_blocks"}
+
+
+def warn_renamed(old: str) -> None:
+  new = RENAMED_FIELDS[old]
+  warnings.warn(f"model.{old} is deprecated, use model.{new} ({_WHY[new]})", FutureWarning, stacklevel=3)
+
+
+def upgrade_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
+  """A `model` section with deprecated field names replaced by the current ones (warning for each)."""
+  out = dict(fields)
+  for old, new in RENAMED_FIELDS.items():
+    if old in out:
+      warn_renamed(old)
+      out[new] = out.pop(old)
+  return out
+
+
 NON_PARAMETER_FIELDS = ("norm_impl", "remat_policy", "dtype", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Decoder hyperparameters. `num_layers` counts blocks; sub-layers L = 2 * num_layers."""
+  """Decoder hyperparameters. `num_blocks` counts blocks; sub-layers L = 2 * num_blocks."""
   vocab_size: int
   block: str = "keel"
-  num_layers: int = 4
+  num_blocks: int = 4
   d_model: int = 128
   num_heads: int = 4
   num_kv_heads: int = 2
@@ -45,16 +66,21 @@ class ModelConfig:
   init_std: float = 0.02
   scan_layers: bool = True
   remat_policy: str = "full"
-  scan_groups: int = 0  # >0: nested scan, groups of num_layers // scan_groups blocks (remat per group)
+  scan_groups: int = 0  # >0: nested scan, groups of num_blocks // scan_groups blocks (remat per group)
   dtype: str = "float32"  # compute dtype; params are always float32
+  num_layers: dataclasses.InitVar[int | None] = None  # deprecated name of num_blocks
 
-  def __post_init__(self):
+
+  def __post_init__(self, num_layers):
+    if num_layers is not None:
+      warn_renamed("num_layers")
+      object.__setattr__(self, "num_blocks", num_layers)
     def need(ok: bool, field: str, allowed: str):
       if not ok:
         raise ConfigError(f"model.{field}", getattr(self, field), allowed)
 
     need(self.block in BLOCK_RULES, "block", f"one of {tuple(BLOCK_RULES)}")
-    for f in ("num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff", "vocab_size", "max_seq_len"):
+    for f in ("num_blocks", "d_model", "num_heads", "num_kv_heads", "d_ff", "vocab_size", "max_seq_len"):
       need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, "a positive integer")
     need(self.d_model % self.num_heads == 0, "d_model",
          f"a multiple of model.num_heads={self.num_heads}")
@@ -71,8 +97,8 @@ class ModelConfig:
     need(0.0 <= self.mix_ln_fraction <= 1.0, "mix_ln_fraction", "a number in [0, 1]")
     need(self.norm_eps > 0, "norm_eps", "a positive number")
     need(self.rope_theta > 0, "rope_theta", "a positive number")
-    need(self.scan_groups >= 0 and (self.scan_groups == 0 or self.num_layers % self.scan_groups == 0),
-         "scan_groups", f"0 (flat scan) or a divisor of model.num_layers={self.num_layers}")
+    need(self.scan_groups >= 0 and (self.scan_groups == 0 or self.num_blocks % self.scan_groups == 0),
+         "scan_groups", f"0 (flat scan) or a divisor of model.num_blocks={self.num_blocks}")
     need(self.scan_groups == 0 or self.scan_layers, "scan_groups", "0 when model.scan_layers=False")
     self.alpha  # parses keel_alpha and raises if it is not understood
 
@@ -83,7 +109,7 @@ class ModelConfig:
   @property
   def num_sublayers(self) -> int:
     """L in the paper: every block has an attention and an FFN sub-layer."""
-    return 2 * self.num_layers
+    return 2 * self.num_blocks
 
   @property
   def alpha(self) -> float:
@@ -110,7 +136,7 @@ class ModelConfig:
   def from_config(cls, model_cfg: Any, vocab_size: int, max_seq_len: int) -> "ModelConfig":
     """Builds from an ml_collections `cfg.model`; unknown fields there are an error."""
     fields = set(model_defaults())
-    given = dict(model_cfg)
+    given = upgrade_model_fields(dict(model_cfg))
     unknown = sorted(set(given) - fields)
     if unknown:
       raise ConfigError(f"model.{unknown[0]}", given[unknown[0]], f"a known field: {sorted(fields)}")

@@ -26,7 +26,7 @@ from keel_jax.evaluate import bits_per_byte, perplexity
 from keel_jax.loss import LossOptions
 from keel_jax.metrics import MetricsWriter, significant
 from keel_jax.model import Decoder, param_table
-from keel_jax.model_config import NON_PARAMETER_FIELDS
+from keel_jax.model_config import NON_PARAMETER_FIELDS, upgrade_model_fields
 from keel_jax.optimizer import lr_schedule, make_optimizer
 from keel_jax.preemption import Preemption
 from keel_jax.train_step import create_state, make_eval_step, make_train_step
@@ -76,7 +76,7 @@ def check_resume_compatible(workdir, cfg, allow_change: bool) -> list[str]:
   keys = ("model", "data.tokenizer", "data.bpe_vocab_size", "data.vocab_multiple")
   def pick(c):
     c = c if isinstance(c, dict) else c.to_dict()
-    return {"model": c["model"], **{k: c["data"].get(k.split(".")[1]) for k in keys[1:]}}
+    return {"model": upgrade_model_fields(c["model"]), **{k: c["data"].get(k.split(".")[1]) for k in keys[1:]}}
   before, now = pick(old), pick(cfg)
   diff = {f"model.{k}": (before["model"].get(k), now["model"].get(k)) for k in set(before["model"]) | set(now["model"])
           if before["model"].get(k) != now["model"].get(k)}
@@ -136,7 +136,7 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, stop_after: i
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     init_fn, state_shardings, abstract_boxed = create_state(model, tx, mesh, jax.random.key(cfg.train.seed))
     if is_main:
-      log(f"model: {model_cfg.block}, {model_cfg.num_layers} blocks = {model_cfg.num_sublayers} sub-layers, "
+      log(f"model: {model_cfg.block}, {model_cfg.num_blocks} blocks = {model_cfg.num_sublayers} sub-layers, "
           f"mesh {dict(mesh.shape)}\n{param_table(abstract_boxed)}")
     if ckpt.latest_step() is None:
       state, start = init_fn(jax.random.key(cfg.train.seed)), 0

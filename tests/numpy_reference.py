@@ -41,14 +41,14 @@ def swiglu(p, x):
   return (g / (1 + np.exp(-g)) * u) @ p["down"]["kernel"]
 
 
-def forward(params, tokens, block, num_layers, num_heads, num_kv_heads, alpha=None,
+def forward(params, tokens, block, num_blocks, num_heads, num_kv_heads, alpha=None,
             first_layer="v2", mix_fraction=0.25):
   """logits for `tokens` [B, T] under the named block rule, straight from the equations."""
   P = params
-  L = 2 * num_layers
+  L = 2 * num_blocks
   x = np.asarray(P["embed"]["embedding"])[tokens].astype(np.float64)
-  num_post = int(round(mix_fraction * num_layers))
-  for i in range(num_layers):
+  num_post = int(round(mix_fraction * num_blocks))
+  for i in range(num_blocks):
     lp = P[f"layers_{i}"]
     for j, name in enumerate(["attn", "ffn"]):
       sp = lp[name]
@@ -59,7 +59,7 @@ def forward(params, tokens, block, num_layers, num_heads, num_kv_heads, alpha=No
       elif block == "post_ln":
         x = rms(x + F(x), sp["norm_out"]["scale"])
       elif block == "deepnorm":
-        a = (2 * num_layers) ** 0.25
+        a = (2 * num_blocks) ** 0.25
         x = rms(a * x + F(x), sp["norm_out"]["scale"])
       elif block == "mix_ln":
         g = sp["norm"]["scale"]

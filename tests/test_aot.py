@@ -57,7 +57,7 @@ def test_parse_oom_bytes_reads_the_compilers_amount():
 
 
 def test_hardware_flops_add_the_recomputed_forward_of_the_remat_policy():
-  mc = ModelConfig(vocab_size=320, num_layers=4, d_model=64, num_heads=4, num_kv_heads=2, d_ff=128,
+  mc = ModelConfig(vocab_size=320, num_blocks=4, d_model=64, num_heads=4, num_kv_heads=2, d_ff=128,
                    max_seq_len=64, remat_policy="save_dots")
   f = matmul_flops_per_token(mc)
   assert hardware_flops_per_token(mc) == f["train_flops_per_token_attention_full"]

@@ -38,3 +38,23 @@ def test_cli_typos_exit_2_with_the_closest_names_and_no_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
   assert not (tmp_path / "w").exists()
+  # The old field name in an override is not a typo: it works, with the deprecation message (the
+  # run then stops at the next, real mistake, before any training).
+  proc = run_train(tmp_path / "w", "--config.model.num_layers=3", "--config.train.lr=-1", check=False, timeout=120)
+  assert proc.returncode == 2 and "use model.num_blocks" in proc.stderr and "train.lr" in proc.stderr, proc.stderr
+
+
+def test_old_name_num_layers_still_works_with_a_deprecation_warning():
+  from keel_jax.model_config import ModelConfig
+  with pytest.warns(FutureWarning, match="model.num_layers is deprecated, use model.num_blocks"):
+    assert ModelConfig(vocab_size=64, num_layers=6).num_blocks == 6
+  cfg = config_lib.base_config()
+  with pytest.warns(FutureWarning, match="use model.num_blocks"):
+    config_lib.apply_arg(cfg, "num_layers=3")
+  assert cfg.model.num_blocks == 3 and "num_layers" not in cfg.model
+  cfg.model.update(num_layers=5)  # a config file written with the old name
+  with pytest.warns(FutureWarning, match="use model.num_blocks"):
+    assert config_lib.validate(cfg).num_blocks == 5
+  with pytest.warns(FutureWarning, match="use model.num_blocks"):
+    assert config_lib.upgrade_argv(["p", "--config.model.num_layers=8", "--config.train.lr=1"]) == [
+        "p", "--config.model.num_blocks=8", "--config.train.lr=1"]

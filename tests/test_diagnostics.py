@@ -11,7 +11,7 @@ from keel_jax.diagnostics import gradient_ratio, sublayer_branch_ratios, sublaye
 from keel_jax.model import Decoder, init_params, lm_loss, unstack_layers
 from keel_jax.model_config import ModelConfig
 
-CFG = ModelConfig(vocab_size=50, block="keel", num_layers=3, d_model=32, num_heads=4,
+CFG = ModelConfig(vocab_size=50, block="keel", num_blocks=3, d_model=32, num_heads=4,
                   num_kv_heads=2, d_ff=48, max_seq_len=16)
 
 
@@ -39,7 +39,7 @@ def test_norms_agree_with_direct_computation_on_unstacked_tree(scan_layers):
   grads = jax.grad(lambda p: lm_loss(model, p, tokens))(params)
   loop = grads if not scan_layers else unstack_layers(grads, cfg)
   want = [np.sqrt(sum(np.sum(np.square(np.asarray(a))) for a in jax.tree.leaves(loop[f"layers_{i}"][s])))
-          for i in range(cfg.num_layers) for s in ("attn", "ffn")]
+          for i in range(cfg.num_blocks) for s in ("attn", "ffn")]
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert got.shape == (cfg.num_sublayers,)
 

@@ -35,7 +35,7 @@ def last_eval(workdir) -> dict:
 
 def test_load_run_and_sample_cli_greedy(workdir):
   run = load_run(workdir)
-  assert run.step == 10 and run.model_cfg.num_layers == 2 and run.tokenizer.kind == "byte"
+  assert run.step == 10 and run.model_cfg.num_blocks == 2 and run.tokenizer.kind == "byte"
   # Past the context of 32: a 42-byte prompt keeps its last 32 bytes, then 40 new tokens.
   prompts = ["def f(x):", "import " * 6]
   proc = run_module("keel_jax.sample", "--workdir", workdir, "--temperature", "0", "--max_new_tokens", "40",

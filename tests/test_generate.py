@@ -21,7 +21,7 @@ PROMPTS = [[3, 5, 7, 9, 11], [2, 4], [40, 1, 8, 30]]  # different lengths: left 
 
 
 def tiny_model(block: str, **overrides) -> tuple[Decoder, dict]:
-  cfg = ModelConfig(**{**dict(vocab_size=V, block=block, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+  cfg = ModelConfig(**{**dict(vocab_size=V, block=block, num_blocks=2, d_model=32, num_heads=4, num_kv_heads=2,
                             d_ff=64, max_seq_len=T_MAX), **overrides})
   model = Decoder(cfg)
   abstract = strip_boxes(jax.eval_shape(lambda r: init_params(model, r), jax.random.key(0)))
@@ -74,20 +74,20 @@ def test_cached_greedy_equals_full_forward(block, overrides):
 LONG = list(range(1, 21))  # longer than the window T_MAX: keeps its last T_MAX tokens
 
 
-@pytest.mark.parametrize("num_layers", [1, 2])
-def test_generation_past_the_context_uses_a_sliding_window(num_layers):
+@pytest.mark.parametrize("num_blocks", [1, 2])
+def test_generation_past_the_context_uses_a_sliding_window(num_blocks):
   """30 new tokens through a 16-slot ring buffer equal the full forward pass over the whole sequence
   with attention limited to the last 16 positions. With one block that is (independently of the
   window mask) a plain causal forward over only the last 16 tokens: rotary attention depends on
   relative positions alone."""
-  model, params = tiny_model("keel", num_layers=num_layers)
+  model, params = tiny_model("keel", num_blocks=num_blocks)
   new = 2 * T_MAX - 2
   prompts = PROMPTS + [LONG]
   out = generate(Decoder(model.cfg, decode=True), params, prompts, new, GREEDY, return_logits=True)
   assert out.window == T_MAX and out.tokens_BxN.shape == (len(prompts), new)
   for b, prompt in enumerate(prompts):
     prompt = prompt[-T_MAX:]
-    tokens, logits = reference_greedy(model, params, prompt, new, context=T_MAX if num_layers == 1 else None)
+    tokens, logits = reference_greedy(model, params, prompt, new, context=T_MAX if num_blocks == 1 else None)
     np.testing.assert_array_equal(out.tokens_BxN[b], tokens)
     np.testing.assert_allclose(out.logits_BxNxV[b], logits, rtol=1e-4, atol=1e-4)
 

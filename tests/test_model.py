@@ -25,7 +25,7 @@ def no_silent_broadcasting():
     yield
 
 def tiny(block="keel", **kw) -> ModelConfig:
-  base = dict(vocab_size=61, block=block, num_layers=3, d_model=32, num_heads=4, num_kv_heads=2,
+  base = dict(vocab_size=61, block=block, num_blocks=3, d_model=32, num_heads=4, num_kv_heads=2,
               d_ff=48, max_seq_len=16, mix_ln_fraction=0.34)
   return ModelConfig(**{**base, **kw})
 
@@ -61,7 +61,7 @@ def test_forward_matches_numpy_reference(block, extra):
   model, params = build(cfg)
   params = perturb(params)
   got = model.apply({"params": params}, TOKENS)
-  want = numpy_reference.forward(jax.tree.map(np.asarray, params), TOKENS, block, cfg.num_layers,
+  want = numpy_reference.forward(jax.tree.map(np.asarray, params), TOKENS, block, cfg.num_blocks,
                                  cfg.num_heads, cfg.num_kv_heads, alpha=cfg.alpha,
                                  first_layer=cfg.keel_first_layer, mix_fraction=cfg.mix_ln_fraction)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
@@ -102,7 +102,7 @@ def test_remat_policies_give_the_same_loss_and_gradients_as_full_remat(policy):
 
 
 def test_nested_scan_equals_flat_scan():
-  cfg = tiny("keel", num_layers=4)
+  cfg = tiny("keel", num_blocks=4)
   model, params = build(cfg)
   nested = Decoder(dataclasses.replace(cfg, scan_groups=2))
   nested_params = dict(params)
@@ -148,17 +148,17 @@ def test_keel_shortcut_sum_is_float32_under_bfloat16_compute():
 
 
 def test_sublayer_keep_zero_makes_that_sublayer_the_identity():
-  cfg = tiny("post_ln", num_layers=2)
+  cfg = tiny("post_ln", num_blocks=2)
   model, params = build(cfg)
   keep = jnp.array([1, 1, 0, 0.])
-  short = Decoder(dataclasses.replace(cfg, num_layers=1))
+  short = Decoder(dataclasses.replace(cfg, num_blocks=1))
   short_params = {**params, "layers": jax.tree.map(lambda a: a[:1], params["layers"])}
   np.testing.assert_allclose(model.apply({"params": params}, TOKENS, sublayer_keep=keep),
                              short.apply({"params": short_params}, TOKENS), atol=1e-6)
 
 
 def test_deepnorm_scales_ffn_v_o_init_by_beta():
-  cfg = tiny("deepnorm", num_layers=8, d_model=64, d_ff=256)
+  cfg = tiny("deepnorm", num_blocks=8, d_model=64, d_ff=256)
   _, params = build(cfg)
   beta = (8 * 8) ** -0.25
   lay = params["layers"]
@@ -181,7 +181,7 @@ def test_params_carry_logical_axis_names():
     (dict(block="resnet"), "model.block"),
     (dict(d_model=30), "model.d_model"),
     (dict(num_heads=4, num_kv_heads=3), "model.num_heads"),
-    (dict(num_layers=0), "model.num_layers"),
+    (dict(num_blocks=0), "model.num_blocks"),
     (dict(d_model=36, num_heads=4, num_kv_heads=2), "model.d_model"),  # head dim 9: odd for RoPE
     (dict(keel_alpha="cube_L"), "model.keel_alpha"),
     (dict(keel_alpha="-3"), "model.keel_alpha"),
@@ -197,8 +197,8 @@ def test_bad_model_config_names_the_field(kw, field):
 @pytest.mark.parametrize("block", ["keel", "pre_ln"])
 def test_pallas_norms_give_the_same_loss_and_gradients_as_xla(block):
   """norm_impl='pallas' (interpret mode on CPU) is a drop-in for the XLA expression in every block."""
-  model, params = build(tiny(block, num_layers=2, norm_impl="xla"))
+  model, params = build(tiny(block, num_blocks=2, norm_impl="xla"))
   params = perturb(params)
-  pallas = Decoder(tiny(block, num_layers=2, norm_impl="pallas"))
+  pallas = Decoder(tiny(block, num_blocks=2, norm_impl="pallas"))
   f = lambda m: jax.value_and_grad(lambda p: lm_loss(m, p, TOKENS))(params)
   chex.assert_trees_all_close(f(model), f(pallas), atol=2e-5, rtol=2e-5)

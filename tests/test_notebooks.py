@@ -51,7 +51,7 @@ def test_committed_parameters_are_consistent(name):
   if "NEW_TOKENS" in p:  # any number works (sliding window); it must be one at least
     assert p["NEW_TOKENS"] >= 1
   if name == "quickstart.ipynb":
-    assert p["NUM_LAYERS"] >= 1 and p["SEQ_LEN"] >= 8 and p["BATCH"] >= 1
+    assert p["NUM_BLOCKS"] >= 1 and p["SEQ_LEN"] >= 8 and p["BATCH"] >= 1
   if name == "explore_checkpoint.ipynb":
     assert p["PROMPT"] and p["EVAL_BATCHES"] >= 1
   if name == "gradient_flow.ipynb":  # sub-layer counts: two per block, at least two blocks for the ratio

@@ -39,7 +39,7 @@ def read_tb_histograms(logdir) -> dict[tuple[str, int], list[float]]:
 
 
 def test_telemetry_step_matches_numpy_and_leaves_training_unchanged():
-  cfg = tiny_config("block=keel,num_layers=3")
+  cfg = tiny_config("block=keel,num_blocks=3")
   model = Decoder(config_lib.validate(cfg, 257))
   tx, schedule = make_optimizer(cfg.train), lr_schedule(cfg.train)
   params = strip_boxes(init_params(model, jax.random.key(0)))

@@ -142,7 +142,7 @@ def test_mesh_shape_fills_in_minus_one_and_checks_the_product():
 
 
 def test_divisibility_is_checked_per_parameter_on_an_abstract_mesh():
-  cfg = ModelConfig(vocab_size=320, max_seq_len=16, num_layers=1, d_model=48, num_heads=6, num_kv_heads=3,
+  cfg = ModelConfig(vocab_size=320, max_seq_len=16, num_blocks=1, d_model=48, num_heads=6, num_kv_heads=3,
                     d_ff=96)
   boxed = jax.eval_shape(lambda: init_params(Decoder(cfg), jax.random.key(0)))
   mesh = lambda *sizes: jax.sharding.AbstractMesh(sizes, sharding.MESH_AXES)

@@ -71,8 +71,8 @@ def test_cli_trains_writes_config_metrics_checkpoints_and_resumes(tmp_path):
 
 
 def test_config_arg_sets_fields_by_short_and_dotted_names():
-  cfg = tiny_config("block=deepnorm,train.lr=0.01,num_layers=6,scan_layers=false")
-  assert (cfg.model.block, cfg.train.lr, cfg.model.num_layers, cfg.model.scan_layers) == ("deepnorm", 0.01, 6, False)
+  cfg = tiny_config("block=deepnorm,train.lr=0.01,num_blocks=6,scan_layers=false")
+  assert (cfg.model.block, cfg.train.lr, cfg.model.num_blocks, cfg.model.scan_layers) == ("deepnorm", 0.01, 6, False)
   with pytest.raises(ConfigError, match="no_such_field"):
     tiny_config("no_such_field=3")
 
@@ -139,4 +139,4 @@ def test_paper_configs_build_and_pass_eval_shape():
     shapes = jax.eval_shape(lambda r: init_params(Decoder(model_cfg), r, seq_len=16), jax.random.key(0))
     grouped = bool(model_cfg.scan_groups)  # nested scan: [groups, blocks per group, ...]
     q_shape = (shapes["layers"]["blocks"] if grouped else shapes["layers"])["attn"]["attn"]["q"]["kernel"].value.shape
-    assert int(np.prod(q_shape[:2 if grouped else 1])) == model_cfg.num_layers
+    assert int(np.prod(q_shape[:2 if grouped else 1])) == model_cfg.num_blocks

@@ -70,7 +70,7 @@ nan_gradient.defvjp(lambda x: (x, None), lambda _, g: (jnp.full_like(g, jnp.nan)
 def step_once(objective_fn, monkeypatch):
   monkeypatch.setattr(train_step, "lm_objective", objective_fn)
   cfg = config_lib.base_config()
-  cfg.model.update(num_layers=1, d_model=16, num_heads=2, num_kv_heads=1, d_ff=32)
+  cfg.model.update(num_blocks=1, d_model=16, num_heads=2, num_kv_heads=1, d_ff=32)
   cfg.data.update(seq_len=8, batch_size=2)
   cfg.train.update(warmup_steps=0)  # the first step at the full learning rate
   model = Decoder(config_lib.validate(cfg, 61))

@@ -48,7 +48,7 @@ def cpu_mesh_cases() -> dict:
   from keel_jax.model import Decoder, init_params, lm_loss, strip_boxes
   from keel_jax.model_config import ModelConfig
 
-  mc = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=64,
+  mc = ModelConfig(vocab_size=64, num_blocks=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=64,
                    max_seq_len=8)
   params = strip_boxes(init_params(Decoder(mc), jax.random.key(0)))
   tokens = jax.random.randint(jax.random.key(1), (8, 9), 0, 64)
