@@ -13,14 +13,11 @@ from keel_jax import config_lib
 
 
 def get_config(arg=None):
-  cfg = config_lib.base_config()
-  cfg.model.update(block="keel", num_blocks=256, d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072,
-                   dtype="bfloat16", remat_policy="full", scan_groups=16, attention_impl="auto")
-  cfg.data.update(source="prepared", prepared_dir="data/prepared", tokenizer="bpe", seq_len=4096,
-                  batch_size=256, eval_batches=32)
-  cfg.train.update(num_steps=100_000, lr=1e-3, warmup_steps=2500, lr_floor=1e-7, b1=0.9, b2=0.95,
-                   weight_decay=0.01, clip_norm=1.0, eval_every=2000, checkpoint_every=1000, log_every=50,
-                   loss_chunk=512)
-  cfg.mesh.update(data=-1, fsdp=8, tensor=1)
+  cfg = config_lib.paper_config()
+  # What keel_jax.aot found fits best on v5p (docs/PERFORMANCE.md): remat full, nested scan, loss chunks.
+  cfg.model.update(num_blocks=256, remat_policy="full", scan_groups=16, attention_impl="auto")
+  cfg.data.eval_batches = 32
+  cfg.train.update(num_steps=100_000, lr=1e-3, warmup_steps=2500, lr_floor=1e-7, eval_every=2000,
+                   checkpoint_every=1000, log_every=50, loss_chunk=512)
   config_lib.apply_arg(cfg, arg)
   return cfg

@@ -6,14 +6,10 @@ from keel_jax import config_lib
 
 
 def get_config(arg=None):
-  cfg = config_lib.base_config()
-  cfg.model.update(block="keel", num_blocks=32, d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072,
-                   dtype="bfloat16", remat_policy="save_dots_no_batch")
-  cfg.data.update(source="prepared", prepared_dir="data/prepared", tokenizer="bpe", seq_len=4096,
-                  batch_size=256, eval_batches=8)
-  cfg.train.update(num_steps=5000, lr=5e-2, warmup_steps=5000, schedule="linear_warmup_only",
-                   b1=0.9, b2=0.95, weight_decay=0.01, clip_norm=1.0, eval_every=500,
+  cfg = config_lib.paper_config()
+  cfg.model.num_blocks = 32
+  cfg.data.eval_batches = 8
+  cfg.train.update(num_steps=5000, lr=5e-2, warmup_steps=5000, schedule="linear_warmup_only", eval_every=500,
                    checkpoint_every=500, log_every=1, nonfinite_policy="skip", max_consecutive_skips=1000000)
-  cfg.mesh.update(data=-1, fsdp=8, tensor=1)
   config_lib.apply_arg(cfg, arg)
   return cfg

@@ -116,16 +116,7 @@ def run_one(study, size, s, block, depth) -> dict:
 def plot(study, s) -> None:
   runs = study.result["runs"]
   depths, blocks = s["depths"], s["blocks"]
-  # norm versus sub-layer index at the largest depth, init and trained
-  fig, axes = common.figure(2, 1, w=4.6)
-  for ax, when in zip(axes[0], ("init", "trained")):
-    for b in blocks:
-      r = runs.get(f"{b}_L{depths[-1]}", {}).get(when)
-      if r:
-        ax.semilogy(common.nanify(r["grad_norm"]), label=b, color=common.block_color(b), lw=0.8)
-    ax.set(title=f"{when}: L={depths[-1]}", xlabel="sub-layer index", ylabel="grad norm")
-  axes[0][0].legend(fontsize=7)
-  common.savefig(fig, study.png("profile"))
+  plot_per_sublayer(study, s, "grad_norm", "grad norm", "profile")
   # low/high ratio versus depth, with predictions
   fig, axes = common.figure(2, 1, w=4.6)
   grid = np.array(depths, float)
@@ -151,16 +142,21 @@ def plot(study, s) -> None:
     ax.set(title=f"L={d}", xlabel="step", ylabel="block 1 / last block", ylim=(1e-6, 1e2))
   axes[0][0].legend(fontsize=6)
   common.savefig(fig, study.png("ratio_vs_step"))
-  # branch/shortcut ratio per sub-layer at the largest depth
+  plot_per_sublayer(study, s, "branch_ratio", "RMS(F) / RMS(alpha x)", "branch_ratio")
+
+
+def plot_per_sublayer(study, s, key: str, ylabel: str, stem: str) -> None:
+  """A run's [L] quantity `key` versus sub-layer index at the largest depth, at init and trained."""
+  runs, deepest = study.result["runs"], s["depths"][-1]
   fig, axes = common.figure(2, 1, w=4.6)
   for ax, when in zip(axes[0], ("init", "trained")):
-    for b in blocks:
-      r = runs.get(f"{b}_L{depths[-1]}", {}).get(when)
+    for b in s["blocks"]:
+      r = runs.get(f"{b}_L{deepest}", {}).get(when)
       if r:
-        ax.semilogy(common.nanify(r["branch_ratio"]), label=b, color=common.block_color(b), lw=0.8)
-    ax.set(title=f"{when}: L={depths[-1]}", xlabel="sub-layer index", ylabel="RMS(F) / RMS(alpha x)")
+        ax.semilogy(common.nanify(r[key]), label=b, color=common.block_color(b), lw=0.8)
+    ax.set(title=f"{when}: L={deepest}", xlabel="sub-layer index", ylabel=ylabel)
   axes[0][0].legend(fontsize=7)
-  common.savefig(fig, study.png("branch_ratio"))
+  common.savefig(fig, study.png(stem))
 
 
 def grid(study, size, s):

@@ -47,6 +47,18 @@ def base_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def paper_config() -> ml_collections.ConfigDict:
+  """The paper's model, data and optimiser (docs/DESIGN.md section 2.8), bfloat16 for accelerators:
+  what the paper config files start from."""
+  cfg = base_config()
+  cfg.model.update(block="keel", d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072, dtype="bfloat16",
+                   remat_policy="save_dots_no_batch")
+  cfg.data.update(source="prepared", prepared_dir="data/prepared", tokenizer="bpe", seq_len=4096, batch_size=256)
+  cfg.train.update(b1=0.9, b2=0.95, weight_decay=0.01, clip_norm=1.0)
+  cfg.mesh.update(data=-1, fsdp=8, tensor=1)
+  return cfg
+
+
 def parse_arg(arg: str | None) -> dict[str, str]:
   """'a=1,b=x' -> {'a': '1', 'b': 'x'}; a bare word 'w' -> {'w': 'true'}."""
   out = {}
