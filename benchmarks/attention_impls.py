@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
   configs = {}
   for seq in [int(s) for s in a.seq_lens.split(",")]:
     for impl in IMPLS:
-      cfg = bu.make_cfg(block="keel", num_layers=a.blocks, d_model=a.d_model, seq_len=seq,
+      cfg = bu.make_cfg(block="keel", num_blocks=a.blocks, d_model=a.d_model, seq_len=seq,
                         batch_size=max(a.tokens // seq, 1), attention_impl=impl, remat_policy="full")
       cfg.train.warmup_steps = 1
       _, init, step = bu.build(cfg)

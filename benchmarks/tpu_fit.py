@@ -179,7 +179,7 @@ def smallest_slice(results: dict) -> str:
     chips, topology, _, overrides = min(f for f in fits if f[2] == row)
     block, sublayers = row.split("/")
     arg = config_arg({**({"block": block} if block != "keel" else {}),
-                      **({"num_layers": int(sublayers) // 2} if sublayers != "512" else {}), **overrides})
+                      **({"num_blocks": int(sublayers) // 2} if sublayers != "512" else {}), **overrides})
     out.append(f"{block} {sublayers}: {topology} ({chips} chips), `--config {CONFIG}{':' + arg if arg else ''}`")
   return "Smallest measured slice that trains it at batch 256: " + "; ".join(out) + "."
 

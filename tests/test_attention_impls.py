@@ -23,7 +23,7 @@ V = 61
 
 
 def tiny(T, **kw) -> ModelConfig:  # GQA: 4 query heads share 2 key/value heads
-  base = dict(vocab_size=V, block="keel", num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=48,
+  base = dict(vocab_size=V, block="keel", num_blocks=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=48,
               max_seq_len=T)
   return ModelConfig(**{**base, **kw})
 

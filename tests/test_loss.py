@@ -12,7 +12,7 @@ from keel_jax.model_config import ModelConfig
 
 
 def setup(**kw):
-  cfg = ModelConfig(**{**dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=48,
+  cfg = ModelConfig(**{**dict(vocab_size=64, num_blocks=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=48,
                               max_seq_len=16), **kw})
   model = Decoder(cfg)
   params = nn.meta.unbox(init_params(model, jax.random.key(0)))

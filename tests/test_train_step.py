@@ -22,7 +22,7 @@ from keel_jax.train_step import loss_and_grads
 
 
 def test_accumulated_microbatches_equal_the_whole_batch():
-  cfg = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=48, max_seq_len=12)
+  cfg = ModelConfig(vocab_size=64, num_blocks=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=48, max_seq_len=12)
   model = Decoder(cfg)
   params = nn.meta.unbox(init_params(model, jax.random.key(0)))
   rs = np.random.RandomState(0)
