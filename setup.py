@@ -21,15 +21,16 @@ setup(
         "tensorboardX>=2.6,<3",
         "matplotlib>=3.8,<4",
         "tokenizers>=0.20,<1",
-        "etils[epath]>=1.7",
+        "etils[epath]>=1.7,<2",
     ],
     extras_require={
         # gs:// workdirs and data (keel_jax/paths.py)
-        "gcs": ["gcsfs>=2024.6"],
+        "gcs": ["gcsfs>=2024.6,<2027"],
         "test": ["pytest>=8,<10", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6,<8",
-                 "gcsfs>=2024.6", "gcp-storage-emulator>=2024.1"],  # tests/test_gcs.py
+                 "pytest-xdist>=3.5,<4",  # the suite runs on both cores (-n 2)
+                 "gcsfs>=2024.6,<2027", "gcp-storage-emulator>=2024.1,<2027"],  # tests/test_gcs.py
         # libtpu (about 700 MB) for TPU runs and for ahead-of-time TPU compiles on any host
         # (python -m keel_jax.aot); same jax range as above, so pip keeps the installed jax.
-        "tpu": ["jax[tpu]>=0.10,<0.12"],
+        "tpu": ["jax[tpu]>=0.10,<0.13"],
     },
 )

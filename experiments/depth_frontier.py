@@ -15,8 +15,8 @@ Per run: final training loss (mean of the last 10 steps), best and final validat
   stagnated    the 20-step median training loss never fell below the unigram entropy of the training
                data (the model never used context).
 Max stable LR (per block and depth with several LRs): the largest LR whose seed-0 run neither diverged
-nor stagnated. The theory overlay: the gradient ratio block 1 / last block (experiments/gradient_flow.py
-`low_high`, on the trainer's per-step sub-layer gradient norms, geometric mean over the last 10 steps)
+nor stagnated. The theory overlay: the gradient ratio block 1 / last block
+(keel_jax.diagnostics.gradient_ratio, on the trainer's per-step sub-layer gradient norms, geometric mean over the last 10 steps)
 beside the paper's prediction for the block and depth (`paper_prediction`: Post-LN 2^(-L/2), Keel
 prod alpha / sqrt(alpha^2 + 1) with alpha = L).
 
@@ -42,8 +42,10 @@ import time
 
 import common
 import numpy as np
-from gradient_flow import low_high, paper_prediction
+from gradient_flow import paper_prediction
 from max_lr import find_divergence
+
+from keel_jax import diagnostics
 
 SETUPS = {
     "smoke": dict(blocks=["keel"], sublayers=[4], seeds=[0, 1], lr=3e-3,
@@ -92,8 +94,8 @@ def data_entropy(data_cfg) -> float:
 
 
 def grad_ratio(records: list[dict]) -> float:
-  """Geometric mean of `low_high` over the last LAST training records' sub-layer gradient norms."""
-  r = [low_high(x["sublayer_grad_norm"]) for x in records[-LAST:] if "sublayer_grad_norm" in x]
+  """Geometric mean of `diagnostics.gradient_ratio` over the last LAST training records' sub-layer gradient norms."""
+  r = [diagnostics.gradient_ratio(x["sublayer_grad_norm"]) for x in records[-LAST:] if "sublayer_grad_norm" in x]
   r = [x for x in r if x > 0 and math.isfinite(x)]
   return float(np.exp(np.mean(np.log(r)))) if r else float("nan")
 
