@@ -87,6 +87,7 @@ class Study:
     self.path = os.path.join(self.out, f"{name}.json")
     self.log_path = os.path.join(self.out, f"{name}.log")
     self.result: dict[str, Any] = {"study": name, "size": args.size, "setup": setup, "runs": {}}
+    self.fresh = args.fresh
     if os.path.exists(self.path) and not args.fresh:
       with open(self.path) as f:
         old = json.load(f)
@@ -118,6 +119,13 @@ class Study:
     return self.result["runs"][key]
 
   def save(self, **extra) -> None:
+    """Writes the study JSON, keeping runs that another process running other keys of the same study
+    has written since this one loaded it (so a study can be split over processes)."""
+    if os.path.exists(self.path) and not self.fresh:
+      with open(self.path) as f:
+        disk = json.load(f)
+      if disk.get("size") == self.size and disk.get("setup") == jsonable(self.result["setup"]):
+        self.result["runs"] = {**disk.get("runs", {}), **self.result["runs"]}
     self.result.update(jsonable(extra))
     self.result["total_run_seconds"] = round(sum(r.get("seconds", 0) for r in self.result["runs"].values()), 1)
     tmp = self.path + ".tmp"

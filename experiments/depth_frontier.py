@@ -76,6 +76,9 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--seeds", default=None,
                  help="grid: run only these seeds (comma-separated) in a study file of their own, so that "
                  "several processes can share the grid; the default (every seed) and any set with seed 0 use the main file")
+  p.add_argument("--blocks", default=None,
+                 help="deepest: run only these blocks (comma-separated); processes running different blocks share "
+                 "one study file")
   p.add_argument("--fresh", action="store_true", help="ignore results already in --out and rerun every run")
   return p.parse_args()
 
@@ -433,7 +436,11 @@ def main() -> None:
   if args.part in ("deepest", "all"):
     study = common.Study("depth_frontier_deepest", argparse.Namespace(out=args.out, size=args.size, fresh=args.fresh),
                          {"arg": s["deepest"]["arg"]})
-    for block in s["deepest"]["blocks"]:
+    blocks = s["deepest"]["blocks"] if args.blocks is None else args.blocks.split(",")
+    unknown = sorted(set(blocks) - set(s["deepest"]["blocks"]))
+    if unknown:
+      raise SystemExit(f"--blocks: {unknown} not in this size's deepest blocks {s['deepest']['blocks']}")
+    for block in blocks:
       study.run(block, lambda: run_deepest_one(study, s, block))
       safe_publish(args, s, study)
   publish(args, s)

@@ -15,6 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 
 import depth_frontier  # noqa: E402
+import gain_spread  # noqa: E402
 
 
 def test_unigram_entropy_of_known_distributions():
@@ -31,6 +32,24 @@ def test_max_stable_lr_is_the_largest_lr_that_neither_diverged_nor_stagnated():
   assert depth_frontier.max_stable_lr([run(1e-3), run(1e-2)], "keel", 256) == ">= 0.01"
   assert depth_frontier.max_stable_lr([run(1e-3, diverged=True), run(1e-2, stagnated=True)], "keel", 256) == "< 0.001"
   assert depth_frontier.max_stable_lr([run(1e-3)], "keel", 256) is None  # one LR: no verdict
+
+
+def test_compounded_log_gain_spread_matches_a_loop():
+  rng = np.random.default_rng(0)
+  gains = np.exp(rng.normal(0, 0.1, (6, 4)))
+  want = [np.std(np.sum(np.log(gains[k:]), axis=0)) for k in range(6)]
+  np.testing.assert_allclose(gain_spread.compounded_log_gain_spread(gains), want, rtol=1e-12)
+  assert gain_spread.compounded_log_gain_spread(np.full((5, 3), 1.3)).max() < 1e-12  # equal gains: no spread
+
+
+def test_perturb_gains_touches_only_the_named_norm():
+  import jax
+  params = {"layers": {"attn": {"norm_out": {"scale": np.ones((3, 4))}, "norm_in": {"scale": np.ones((3, 4))},
+                                "attn": {"kernel": np.ones((3, 4))}}}}
+  new = gain_spread.perturb_gains(params, "norm_out", 0.1, jax.random.key(0))
+  assert np.std(new["layers"]["attn"]["norm_out"]["scale"]) > 0.01
+  np.testing.assert_array_equal(new["layers"]["attn"]["norm_in"]["scale"], 1.0)
+  np.testing.assert_array_equal(new["layers"]["attn"]["attn"]["kernel"], 1.0)
 
 
 @pytest.mark.slow
@@ -59,3 +78,11 @@ def test_smoke_size_writes_runs_deepest_and_plots_and_reuses_finished_runs(tmp_p
   again = json.load(open(pub / "depth_frontier.json"))
   assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in doc["runs"]]
   assert again["deepest"]["seconds"] == d["seconds"]
+  # the gain analysis of the same directory: every trained Keel run, at init perturbed gains
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "gain_spread.py"), "--out", str(out),
+                         "--size", "mini"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  gains = json.load(open(out / "gain_spread.json"))["runs"]
+  assert sorted(gains) == ["init_L8", "trained_deepest_keel", "trained_keel_L4_s0_lr0.003"]
+  assert gains["trained_deepest_keel"]["sublayers"] == 16 and len(gains["trained_deepest_keel"]["compounded_spread"]) == 16
+  assert (out / "gain_spread_trained.png").stat().st_size > 1000
