@@ -97,10 +97,13 @@ def data_entropy(data_cfg) -> float:
 
 
 def grad_ratio(records: list[dict]) -> float:
-  """Geometric mean of `diagnostics.gradient_ratio` over the last LAST training records' sub-layer gradient norms."""
+  """Geometric mean of `diagnostics.gradient_ratio` over the last LAST training records' sub-layer gradient norms
+  (0 when a ratio is 0: the bottom gradient underflowed float32)."""
   r = [diagnostics.gradient_ratio(x["sublayer_grad_norm"]) for x in records[-LAST:] if "sublayer_grad_norm" in x]
-  r = [x for x in r if x > 0 and math.isfinite(x)]
-  return float(np.exp(np.mean(np.log(r)))) if r else float("nan")
+  r = [x for x in r if math.isfinite(x)]
+  if not r:
+    return float("nan")
+  return 0.0 if min(r) == 0 else float(np.exp(np.mean(np.log(r))))  # 0: vanished to float32 zero
 
 
 def step_seconds(records: list[dict], tokens_per_step: int) -> float:
@@ -327,16 +330,17 @@ def plots(s: dict, runs: list[dict], deepest: list[dict], png) -> list[str]:
   ax = axes[0][0]
   for b in s["blocks"]:
     rs = [r for r in main if r["block"] == b]
-    ax.loglog([r["sublayers"] for r in rs], common.nanify([r["grad_ratio"] for r in rs]), "o", ms=3,
+    ax.loglog([r["sublayers"] for r in rs], np.maximum(common.nanify([r["grad_ratio"] for r in rs]), 1e-30), "o", ms=3,
               color=common.block_color(b), label=f"{b} measured")
     grid = Ls + sorted({r["sublayers"] for r in deepest})
     pred = [paper_prediction(b, L) for L in grid]
     if pred and pred[0] is not None:
       ax.loglog(grid, np.maximum(pred, 1e-30), "--", color=common.block_color(b), lw=1, label=f"{b} paper")
   for r in deepest:
-    ax.loglog([r["sublayers"]], common.nanify([r["grad_ratio"]]), "*", ms=9, color=common.block_color(r["block"]))
+    ax.loglog([r["sublayers"]], np.maximum(common.nanify([r["grad_ratio"]]), 1e-30), "*", ms=9,
+              color=common.block_color(r["block"]))
   ax.set(xlabel="sub-layers L", ylabel="grad norm block 1 / last block", ylim=(1e-30, 1e3),
-         title="end of training; stars: deepest runs; paper's floored at 1e-30")
+         title="end of training; stars: deepest runs; all floored at 1e-30")
   ax.legend(fontsize=6)
   common.savefig(fig, png("grad_ratio")); written.append(png("grad_ratio"))
   # loss versus LR at the depths with several LRs

@@ -87,10 +87,16 @@ def run_trained(workdir: str) -> dict:
 
 
 def trained_workdirs(out: str) -> list[str]:
-  """The depth frontier's trained Keel runs in `out` (seed 0 at the main LR, and the deepest run)."""
-  found = sorted(glob.glob(os.path.join(out, "runs", "depth_frontier_grid*", "keel_L*_s0_lr0.003")))
-  found += glob.glob(os.path.join(out, "runs", "depth_frontier_deepest", "keel"))
-  return [w for w in found if glob.glob(os.path.join(w, "checkpoints", "*"))]
+  """The depth frontier's trained Keel runs in `out` with a checkpoint: per grid depth the run at LR
+  3e-3 with the lowest seed found, then the deepest run."""
+  finished = lambda w: glob.glob(os.path.join(w, "checkpoints", "*"))
+  by_depth = {}
+  for w in glob.glob(os.path.join(out, "runs", "depth_frontier_grid*", "keel_L*_s*_lr0.003")):
+    depth, seed = (int(x[1:]) for x in os.path.basename(w).split("_")[1:3])
+    if finished(w) and seed < by_depth.get(depth, (None, 1 << 30))[1]:
+      by_depth[depth] = (w, seed)
+  deepest = [w for w in glob.glob(os.path.join(out, "runs", "depth_frontier_deepest", "keel")) if finished(w)]
+  return [by_depth[d][0] for d in sorted(by_depth)] + deepest
 
 
 def grid(study, size, s):

@@ -34,6 +34,15 @@ def test_max_stable_lr_is_the_largest_lr_that_neither_diverged_nor_stagnated():
   assert depth_frontier.max_stable_lr([run(1e-3)], "keel", 256) is None  # one LR: no verdict
 
 
+def test_grad_ratio_is_the_geometric_mean_over_the_last_steps_and_zero_once_the_bottom_underflows():
+  def record(low, high):  # 3 blocks: block 1's two sub-layers at `low`, the last block's at `high`
+    return {"sublayer_grad_norm": [1.0, 1.0, low, low, high, high]}
+  assert depth_frontier.grad_ratio([record(1.0, 2.0)] * 30 + [record(1.0, 4.0), record(1.0, 1.0)]) == pytest.approx(
+      (0.5 ** 8 * 0.25 * 1.0) ** 0.1)  # the last 10 records only
+  assert depth_frontier.grad_ratio([record(0.5, 1.0), record(0.0, 1.0)]) == 0.0
+  assert math.isnan(depth_frontier.grad_ratio([{"loss": 1.0}]))
+
+
 def test_compounded_log_gain_spread_matches_a_loop():
   rng = np.random.default_rng(0)
   gains = np.exp(rng.normal(0, 0.1, (6, 4)))
