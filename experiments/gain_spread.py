@@ -14,7 +14,9 @@ Two parts:
            gains should matter.
   trained  the Keel runs the depth frontier trained in the same --out directory (its grid and its
            10,000-sub-layer run): per sub-layer, the spread over channels of the compounded log-gain
-           from that sub-layer to the top, next to the gradient norm the trainer logged last.
+           from that sub-layer to the top, next to the gradient norm the trainer logged last; and how
+           coherent the sub-layers' gain profiles are (`gain_coherence`): small per-sub-layer spreads
+           that all favour the same channels compound linearly in L, independent ones as sqrt(L).
 
   python experiments/gain_spread.py --out out/depth_frontier --size cpu
 """
@@ -69,6 +71,14 @@ def compounded_log_gain_spread(gains_LxD: np.ndarray) -> np.ndarray:
   return above.std(axis=1)
 
 
+def gain_coherence(gains_LxD: np.ndarray) -> float:
+  """How alike the sub-layers' channel profiles of log g are: the spread of the sum over sub-layers over L
+  times the mean per-sub-layer spread. 1: every sub-layer reweights the same channels (the spreads add
+  up, L x); about 1/sqrt(L): independent profiles (they add up as a random walk)."""
+  log_g = np.log(np.abs(gains_LxD))
+  return float(log_g.sum(axis=0).std() / (len(log_g) * log_g.std(axis=1).mean()))
+
+
 def run_trained(workdir: str) -> dict:
   from keel_jax import metrics
   from keel_jax.load import load_run
@@ -82,7 +92,8 @@ def run_trained(workdir: str) -> dict:
   L = len(gains)
   every = max(L // 500, 1)
   return {"workdir": os.path.relpath(workdir), "block": run.model_cfg.block, "sublayers": L, "step": run.step,
-          "gain_std": gains.std(axis=1)[::every], "compounded_spread": compounded_log_gain_spread(gains)[::every],
+          "gain_std": gains.std(axis=1)[::every], "coherence": gain_coherence(gains),
+          "mean_log_gain_std": float(np.log(np.abs(gains)).std(axis=1).mean()), "compounded_spread": compounded_log_gain_spread(gains)[::every],
           "grad_norm": common.nanify(last["sublayer_grad_norm"])[::every], "grad_step": last["step"], "every": every}
 
 
@@ -135,12 +146,14 @@ def report(study, s) -> str:
   trained = [r for k, r in runs.items() if k.startswith("trained_")]
   if trained:
     md += "\nTrained Keel runs: outer gains and gradient (sub-layer k = 0 at the bottom):\n\n"
-    md += "| run | step | gain std over channels, top sub-layer | compounded log-gain spread at k = 0 / L/2 | grad norm k = 0 / L/2 / top |\n|---|---|---|---|---|\n"
+    md += ("| run | step | log-gain std over channels (mean over sub-layers) | coherence | compounded log-gain spread "
+           "at k = 0 / L/2 | grad norm k = 0 / L/2 / top |\n|---|---|---|---|---|---|\n")
     fig, axes = common.figure(2, 1, w=4.4)
     for r in trained:
       spread, g = common.nanify(r["compounded_spread"]), common.nanify(r["grad_norm"])
       x = 1 + np.arange(len(spread)) * r["every"]
-      md += (f"| {r['workdir']} | {r['step']} | {float(r['gain_std'][-1]):.3g} | {spread[0]:.3g} / {spread[len(spread) // 2]:.3g} "
+      md += (f"| {r['workdir']} | {r['step']} | {float(r['mean_log_gain_std']):.3g} | {float(r['coherence']):.2f} "
+             f"| {spread[0]:.3g} / {spread[len(spread) // 2]:.3g} "
              f"| {g[0]:.2g} / {g[len(g) // 2]:.2g} / {g[-1]:.2g} |\n")
       axes[0][0].plot(x, spread, label=f"L={r['sublayers']}")
       axes[0][1].semilogy(x, np.maximum(g, 1e-30), label=f"L={r['sublayers']} (step {r['grad_step']})")

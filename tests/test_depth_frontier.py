@@ -51,6 +51,14 @@ def test_compounded_log_gain_spread_matches_a_loop():
   assert gain_spread.compounded_log_gain_spread(np.full((5, 3), 1.3)).max() < 1e-12  # equal gains: no spread
 
 
+def test_gain_coherence_is_one_for_identical_profiles_and_small_for_independent_ones():
+  rng = np.random.default_rng(0)
+  profile = np.exp(rng.normal(0, 0.01, 64))
+  assert gain_spread.gain_coherence(np.tile(profile, (400, 1))) == pytest.approx(1.0)
+  independent = gain_spread.gain_coherence(np.exp(rng.normal(0, 0.01, (400, 64))))
+  assert 0.5 / 20 < independent < 2 / 20  # ~ 1/sqrt(400)
+
+
 def test_perturb_gains_touches_only_the_named_norm():
   import jax
   params = {"layers": {"attn": {"norm_out": {"scale": np.ones((3, 4))}, "norm_in": {"scale": np.ones((3, 4))},
