@@ -92,3 +92,23 @@ def test_study_runs_end_to_end_at_mini_size(study, tmp_path):
   with open(out / f"{study}.json") as f:
     again = json.load(f)
   assert {k: r["seconds"] for k, r in again["runs"].items()} == {k: r["seconds"] for k, r in result["runs"].items()}
+
+
+def test_a_study_split_over_processes_keeps_every_processs_runs(tmp_path):
+  """Two Study objects on one file (two processes running different keys): neither save loses the
+  other's runs; --fresh starts from nothing."""
+  import argparse
+  import common
+  args = argparse.Namespace(out=str(tmp_path), size="cpu", fresh=False)
+  first, second = common.Study("s", args, {"width": 32}), common.Study("s", args, {"width": 32})
+  first.run("a", lambda: {"loss": 1.0})
+  second.run("b", lambda: {"loss": 2.0})
+  first.run("c", lambda: {"loss": 3.0})
+  assert sorted(json.load(open(tmp_path / "s.json"))["runs"]) == ["a", "b", "c"]
+  assert sorted(common.Study("s", args, {"width": 32}).result["runs"]) == ["a", "b", "c"]
+  other_setup = common.Study("s", args, {"width": 64})  # another grid: starts afresh, keeps nothing
+  other_setup.run("d", lambda: {"loss": 4.0})
+  assert sorted(json.load(open(tmp_path / "s.json"))["runs"]) == ["d"]
+  fresh = common.Study("s", argparse.Namespace(out=str(tmp_path), size="cpu", fresh=True), {"width": 64})
+  fresh.run("e", lambda: {"loss": 5.0})
+  assert sorted(json.load(open(tmp_path / "s.json"))["runs"]) == ["e"]
