@@ -9,9 +9,10 @@ component along the stream it normalises) loses gradient where that reweighting 
 
 Two parts:
   init     Keel at initialisation, each outer (norm_out) or inner (norm_in) gain multiplied by
-           1 + sigma * N(0, 1), independently per sub-layer and channel: the gradient ratio block 1 /
-           last block (keel_jax.diagnostics.gradient_ratio) per depth, sigma and norm. Only the outer
-           gains should matter.
+           1 + sigma * N(0, 1), independently per sub-layer and channel or coherently (one draw per
+           channel for every sub-layer): the gradient ratio block 1 / last block
+           (keel_jax.diagnostics.gradient_ratio) per depth, sigma and perturbation. Only the outer
+           gains should matter, the coherent ones most.
   trained  the Keel runs the depth frontier trained in the same --out directory (its grid and its
            10,000-sub-layer run): per sub-layer, the spread over channels of the compounded log-gain
            from that sub-layer to the top, next to the gradient norm the trainer logged last; and how
@@ -34,16 +35,19 @@ SETUPS = {
     "cpu": dict(depths=[256, 1024, 10000], sigmas=[0.0, 0.01, 0.03, 0.1], d_model=32, seq_len=32, batch_size=8),
 }
 SETUPS["paper"] = SETUPS["cpu"]  # an analysis of CPU-sized models: the same at every size
-NORMS = ("norm_out", "norm_in")
+PERTURBATIONS = (("norm_out", "coherent"), ("norm_out", "independent"), ("norm_in", "independent"))
 
 
-def perturb_gains(params, norm: str, sigma: float, key):
-  """`params` with every layer's `norm` gain multiplied by 1 + sigma * N(0, 1) (independent draws)."""
+def perturb_gains(params, norm: str, sigma: float, key, coherent: bool = False):
+  """`params` with every layer's `norm` gain multiplied by 1 + sigma * N(0, 1): independent draws per
+  sub-layer and channel, or (`coherent`) one draw per channel shared by every sub-layer, as training moves them."""
   import jax
   from flax.traverse_util import flatten_dict, unflatten_dict
   flat = flatten_dict(params)
   keys = jax.random.split(key, len(flat))
-  return unflatten_dict({k: v * (1 + sigma * jax.random.normal(r, v.shape)) if k[-2:] == (norm, "scale") else v
+  def noise(v, r):
+    return jax.random.normal(key, v.shape[-1:]) if coherent else jax.random.normal(r, v.shape)
+  return unflatten_dict({k: v * (1 + sigma * noise(v, r)) if k[-2:] == (norm, "scale") else v
                          for (k, v), r in zip(flat.items(), keys)})
 
 
@@ -58,10 +62,11 @@ def run_init(s: dict, depth: int) -> dict:
   params = strip_boxes(init_params(model, jax.random.key(0)))
   grad_norms = jax.jit(lambda p: diagnostics.sublayer_grad_norms(model, p, tokens))
   out = {"depth": depth}
-  for norm in NORMS:
+  for norm, mode in PERTURBATIONS:
     for sigma in s["sigmas"]:
-      g = np.asarray(grad_norms(perturb_gains(params, norm, sigma, jax.random.key(2))))
-      out[f"{norm}_sigma{sigma:g}"] = {"ratio": diagnostics.gradient_ratio(g), "grad_norm": g[::max(depth // 200, 1)]}
+      p = perturb_gains(params, norm, sigma, jax.random.key(2), coherent=mode == "coherent")
+      g = np.asarray(grad_norms(p))
+      out[f"{norm}_{mode}_sigma{sigma:g}"] = {"ratio": diagnostics.gradient_ratio(g), "grad_norm": g[::max(depth // 200, 1)]}
   return out
 
 
@@ -121,26 +126,26 @@ def grid(study, size, s):
 def report(study, s) -> str:
   runs = study.result["runs"]
   init = [runs[f"init_L{d}"] for d in s["depths"] if f"init_L{d}" in runs]
-  md = "Gradient ratio block 1 / last block at initialisation, gains multiplied by 1 + sigma * N(0, 1):\n\n"
+  md = "Gradient ratio block 1 / last block at initialisation, gains multiplied by 1 + sigma * N(0, 1) (coherent: the same draw for every sub-layer):\n\n"
   md += "| sub-layers | gains | " + " | ".join(f"sigma {x:g}" for x in s["sigmas"]) + " |\n"
   md += "|" + "---|" * (len(s["sigmas"]) + 2) + "\n"
   for r in init:
-    for norm in NORMS:
-      md += f"| {r['depth']} | {norm} | " + " | ".join(
-          f"{float(r[f'{norm}_sigma{x:g}']['ratio']):.3g}" for x in s["sigmas"]) + " |\n"
+    for norm, mode in PERTURBATIONS:
+      md += f"| {r['depth']} | {norm}, {mode} | " + " | ".join(
+          f"{float(r[f'{norm}_{mode}_sigma{x:g}']['ratio']):.3g}" for x in s["sigmas"]) + " |\n"
   fig, axes = common.figure(2, 1, w=4.4)
   for r in init:
-    for norm, ls in zip(NORMS, ("-", ":")):
-      axes[0][0].plot(s["sigmas"], [float(r[f"{norm}_sigma{x:g}"]["ratio"]) for x in s["sigmas"]], "o" + ls,
-                      label=f"L={r['depth']} {norm}")
+    for (norm, mode), ls in zip(PERTURBATIONS, ("-", "--", ":")):
+      axes[0][0].plot(s["sigmas"], np.maximum(common.nanify([r[f"{norm}_{mode}_sigma{x:g}"]["ratio"] for x in s["sigmas"]]),
+                                              1e-30), "o" + ls, label=f"L={r['depth']} {norm} {mode}")
   axes[0][0].set(yscale="log", xlabel="gain spread sigma", ylabel="grad ratio block 1 / last",
                  title="Keel at init, perturbed gains")
   axes[0][0].legend(fontsize=6)
   for r in init:
-    g = common.nanify(r[f"norm_out_sigma{s['sigmas'][-1]:g}"]["grad_norm"])
-    axes[0][1].semilogy(np.linspace(0, 1, len(g)), g, label=f"L={r['depth']}")
-  axes[0][1].set(xlabel="sub-layer / L", ylabel="grad norm",
-                 title=f"norm_out gains, sigma {s['sigmas'][-1]:g}")
+    g = common.nanify(r[f"norm_out_coherent_sigma{s['sigmas'][1]:g}"]["grad_norm"])
+    axes[0][1].semilogy(np.linspace(0, 1, len(g)), np.maximum(g, 1e-30), label=f"L={r['depth']}")
+  axes[0][1].set(xlabel="sub-layer / L (floored at 1e-30)", ylabel="grad norm",
+                 title=f"norm_out gains, coherent, sigma {s['sigmas'][1]:g}")
   axes[0][1].legend(fontsize=6)
   common.savefig(fig, study.png("init"))
   trained = [r for k, r in runs.items() if k.startswith("trained_")]

@@ -65,6 +65,10 @@ def test_perturb_gains_touches_only_the_named_norm():
                                 "attn": {"kernel": np.ones((3, 4))}}}}
   new = gain_spread.perturb_gains(params, "norm_out", 0.1, jax.random.key(0))
   assert np.std(new["layers"]["attn"]["norm_out"]["scale"]) > 0.01
+  assert np.std(new["layers"]["attn"]["norm_out"]["scale"], axis=0).min() > 0  # independent per sub-layer
+  coherent = gain_spread.perturb_gains(params, "norm_out", 0.1, jax.random.key(0), coherent=True)["layers"]["attn"]
+  assert np.std(coherent["norm_out"]["scale"], axis=1).min() > 0.01
+  np.testing.assert_array_equal(coherent["norm_out"]["scale"], np.tile(coherent["norm_out"]["scale"][0], (3, 1)))
   np.testing.assert_array_equal(new["layers"]["attn"]["norm_in"]["scale"], 1.0)
   np.testing.assert_array_equal(new["layers"]["attn"]["attn"]["kernel"], 1.0)
 
