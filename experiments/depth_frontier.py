@@ -13,9 +13,11 @@ Per run: final training loss (mean of the last 10 steps), best and final validat
   diverged     non-finite loss or skipped update, or a loss spike that does not recover (the max-LR
                study's rule, experiments/max_lr.py `find_divergence`, without its stagnation part);
   stagnated    the 20-step median training loss never fell below the unigram entropy of the training
-               data (the model never used context).
-Max stable LR (per block and depth with several LRs): the largest LR whose seed-0 run neither diverged
-nor stagnated. The theory overlay: the gradient ratio block 1 / last block
+               data (the model never used context);
+  no_context   the best validation loss is not below that of the context-free (unigram) model on the
+               same validation batches: the run ended at the unigram level.
+Max stable LR (per block and depth with several LRs): the largest LR whose seed-0 run has none of the
+three flags. The theory overlay: the gradient ratio block 1 / last block
 (keel_jax.diagnostics.gradient_ratio, on the trainer's per-step sub-layer gradient norms, geometric mean over the last 10 steps)
 beside the paper's prediction for the block and depth (`paper_prediction`: Post-LN 2^(-L/2), Keel
 prod alpha / sqrt(alpha^2 + 1) with alpha = L).
@@ -96,6 +98,26 @@ def data_entropy(data_cfg) -> float:
   return unigram_entropy(token_data.train)
 
 
+def unigram_cross_entropy(train_tokens: np.ndarray, eval_targets: np.ndarray) -> float:
+  """Loss in nats of the context-free model (the training tokens' frequencies) on `eval_targets`."""
+  counts = np.bincount(np.asarray(train_tokens).ravel())
+  p = counts / counts.sum()
+  eval_targets = np.asarray(eval_targets).ravel()
+  q = np.zeros(eval_targets.max() + 1 if eval_targets.size else 0)
+  q[:min(len(p), len(q))] = p[:len(q)]
+  with np.errstate(divide="ignore"):  # a byte never seen in training: infinite loss, as it should be
+    return float(-np.mean(np.log(q[eval_targets])))
+
+
+def unigram_eval_loss(data_cfg) -> float:
+  """What a model that ignores context scores on the trainer's validation batches: a run whose best
+  validation loss is not below it learned byte frequencies and nothing else."""
+  from keel_jax import data
+  token_data, _ = data.load_token_data(data_cfg, None)
+  batches = data.eval_batches(token_data.val, data_cfg.seq_len, data_cfg.batch_size, data_cfg.eval_batches)
+  return unigram_cross_entropy(token_data.train, np.concatenate([np.asarray(b["tokens"])[:, 1:] for b in batches]))
+
+
 def grad_ratio(records: list[dict]) -> float:
   """Geometric mean of `diagnostics.gradient_ratio` over the last LAST training records' sub-layer gradient norms
   (0 when a ratio is 0: the bottom gradient underflowed float32)."""
@@ -147,6 +169,27 @@ def grid_runs(s: dict) -> list[tuple[str, int, int, float]]:
   return out
 
 
+def grid_data_config(s: dict):
+  """The data every grid run trains and evaluates on (the model fields do not change it)."""
+  return common.small_config(block="keel", sub_layers=4, d_model=s["d_model"], seq_len=s["seq_len"],
+                             batch_size=s["batch_size"], num_steps=1, lr=s["lr"], warmup_steps=0,
+                             max_files=s["max_files"]).data
+
+
+def deepest_config(s: dict, block: str):
+  arg = ",".join(filter(None, [f"block={block}", s["deepest"]["arg"]]))
+  return arg, common.load_config_file("keel_10k", arg)
+
+
+def mark_context(runs: list[dict], data_cfg) -> None:
+  """Adds `unigram_eval_loss` (the context-free model on the same validation batches) and `no_context`
+  (the best validation loss is not below it) to each run."""
+  if runs:
+    ref = unigram_eval_loss(data_cfg)
+    for r in runs:
+      r["unigram_eval_loss"], r["no_context"] = ref, not float(r["best_eval_loss"]) < ref
+
+
 def run_key(block: str, L: int, seed: int, lr: float) -> str:
   return f"{block}_L{L}_s{seed}_lr{lr:g}"
 
@@ -187,8 +230,7 @@ def compile_seconds(cfg) -> float:
 
 def run_deepest_one(study, s: dict, block: str) -> dict:
   """configs/keel_10k.py for `block` in a child process (its own peak RSS); resumes a killed run."""
-  arg = ",".join(filter(None, [f"block={block}", s["deepest"]["arg"]]))
-  cfg = common.load_config_file("keel_10k", arg)
+  arg, cfg = deepest_config(s, block)
   workdir = study.workdir(block)
   cmd = [sys.executable, "-m", "keel_jax.train", "--config", os.path.join(common.ROOT, "configs", f"keel_10k.py:{arg}"),
          "--workdir", workdir]
@@ -238,7 +280,7 @@ def max_stable_lr(runs: list[dict], block: str, L: int) -> str | None:
                 key=lambda r: r["lr"])
   if len(cell) < 2:
     return None
-  ok = [r["lr"] for r in cell if not r["diverged"] and not r["stagnated"]]
+  ok = [r["lr"] for r in cell if not (r["diverged"] or r["stagnated"] or r.get("no_context"))]
   if not ok:
     return f"< {cell[0]['lr']:g}"
   return (">= " if ok[-1] == cell[-1]["lr"] else "") + f"{ok[-1]:g}"
@@ -257,7 +299,7 @@ def tables(s: dict, runs: list[dict], deepest: list[dict]) -> str:
         cells.append(fn(rs) if rs else "-")
       rows += f"| {b} | " + " | ".join(cells) + " |\n"
     return rows
-  flags = lambda rs: f"{len(rs)} seeds" + "".join(f", {sum(r[k] for r in rs)} {k}" for k in ("diverged", "stagnated")
+  flags = lambda rs: f"{len(rs)} seeds" + "".join(f", {sum(r[k] for r in rs)} {k}" for k in ("diverged", "stagnated", "no_context")
                                                    if any(r[k] for r in rs))
   ratio = lambda rs: (f"{np.exp(np.nanmean(np.log(common.nanify([r['grad_ratio'] for r in rs])))):.2g}"
                       + (f" / {rs[0]['predicted_grad_ratio']:.2g}" if rs[0]["predicted_grad_ratio"] is not None else ""))
@@ -269,20 +311,29 @@ def tables(s: dict, runs: list[dict], deepest: list[dict]) -> str:
   md += "\nGradient ratio block 1 / last block at the end of training (geometric mean over seeds) / paper prediction:\n\n"
   md += head + cell_rows(ratio)
   lr_Ls = sorted(s["extra_lrs"])
+  lrs = sorted({s["lr"], *sum(s["extra_lrs"].values(), [])})
   if lr_Ls:
     md += "\nMax stable LR (seed 0; largest LR of " + ", ".join(
-        f"{lr:g}" for lr in sorted({s['lr'], *sum(s['extra_lrs'].values(), [])})) + " that neither diverged nor stagnated):\n\n"
+        f"{lr:g}" for lr in lrs) + " that neither diverged, stagnated nor ended at the unigram level):\n\n"
     md += "| block | " + " | ".join(f"L={L}" for L in lr_Ls) + " |\n|" + "---|" * (len(lr_Ls) + 1) + "\n"
     for b in s["blocks"]:
       md += f"| {b} | " + " | ".join(max_stable_lr(runs, b, L) or "-" for L in lr_Ls) + " |\n"
+    md += "\nBest validation loss per LR (seed 0; * = not below the unigram model's):\n\n| block | L | "
+    md += " | ".join(f"LR {lr:g}" for lr in lrs) + " |\n|" + "---|" * (len(lrs) + 2) + "\n"
+    for L in lr_Ls:
+      for b in s["blocks"]:
+        cell = {r["lr"]: r for r in runs if r["block"] == b and r["sublayers"] == L and r["seed"] == 0}
+        md += f"| {b} | {L} | " + " | ".join(
+            f"{float(cell[lr]['best_eval_loss']):.3f}" + ("*" if cell[lr].get("no_context") else "") if lr in cell else "-"
+            for lr in lrs) + " |\n"
   if deepest:
-    md += ("\nDeepest runs:\n\n| block | sub-layers | steps | final train loss | unigram entropy | best val loss "
+    md += ("\nDeepest runs:\n\n| block | sub-layers | steps | final train loss | unigram entropy | best val loss / unigram "
            "| grad ratio / predicted | step s | peak RSS GiB | compile s | wall min |\n|" + "---|" * 11 + "\n")
     for r in deepest:
       pred = f"{r['predicted_grad_ratio']:.2g}" if r["predicted_grad_ratio"] is not None else "-"
       f = lambda k: float(r[k])  # non-finite numbers are stored as strings
       md += (f"| {r['block']} | {r['sublayers']} | {r['steps_run']} | {f('final_train_loss'):.3f} | "
-             f"{f('unigram_entropy'):.3f} | {f('best_eval_loss'):.3f} | {f('grad_ratio'):.2g} / {pred} | "
+             f"{f('unigram_entropy'):.3f} | {f('best_eval_loss'):.3f} / {f('unigram_eval_loss'):.3f} | {f('grad_ratio'):.2g} / {pred} | "
              f"{f('step_s'):.2f} | {f('peak_rss_gib'):.2f} | {f('compile_s'):.1f} | {f('wall_s') / 60:.1f} |\n")
   return md
 
@@ -384,6 +435,8 @@ def publish(args, s: dict) -> None:
   deep = load_part(args.out, "depth_frontier_deepest")
   runs = [grid[run_key(*k)] for k in grid_runs(s) if run_key(*k) in grid]
   deepest = [deep[b] for b in s["deepest"]["blocks"] if b in deep]
+  mark_context(runs, grid_data_config(s))
+  mark_context(deepest, deepest_config(s, "keel")[1].data)
   dirs = [args.out] + ([args.publish] if args.publish else [])
   for d in dirs:
     os.makedirs(d, exist_ok=True)
@@ -432,9 +485,7 @@ def main() -> None:
       if seeds is not None and seed not in seeds:
         continue
       if run_key(block, L, seed, lr) not in study.result["runs"] and entropy is None:
-        entropy = data_entropy(common.small_config(block=block, sub_layers=L, d_model=s["d_model"], seq_len=s["seq_len"],
-                                                   batch_size=s["batch_size"], num_steps=1, lr=lr, warmup_steps=0,
-                                                   max_files=s["max_files"]).data)
+        entropy = data_entropy(grid_data_config(s))
       study.run(run_key(block, L, seed, lr), lambda: run_grid_one(study, s, entropy, block, L, seed, lr))
       safe_publish(args, s, study)
   if args.part in ("deepest", "all"):

@@ -24,6 +24,13 @@ def test_unigram_entropy_of_known_distributions():
   assert depth_frontier.unigram_entropy(tokens) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
 
 
+def test_unigram_cross_entropy_is_the_frequency_models_loss():
+  train = np.array([0, 0, 0, 1])  # p(0) = 3/4, p(1) = 1/4
+  assert depth_frontier.unigram_cross_entropy(train, np.array([0, 1])) == pytest.approx(
+      -(math.log(0.75) + math.log(0.25)) / 2)
+  assert depth_frontier.unigram_cross_entropy(train, np.array([0, 5])) == math.inf  # a byte never seen in training
+
+
 def test_max_stable_lr_is_the_largest_lr_that_neither_diverged_nor_stagnated():
   def run(lr, diverged=False, stagnated=False, seed=0):
     return dict(block="keel", sublayers=256, seed=seed, lr=lr, diverged=diverged, stagnated=stagnated)
@@ -32,6 +39,8 @@ def test_max_stable_lr_is_the_largest_lr_that_neither_diverged_nor_stagnated():
   assert depth_frontier.max_stable_lr([run(1e-3), run(1e-2)], "keel", 256) == ">= 0.01"
   assert depth_frontier.max_stable_lr([run(1e-3, diverged=True), run(1e-2, stagnated=True)], "keel", 256) == "< 0.001"
   assert depth_frontier.max_stable_lr([run(1e-3)], "keel", 256) is None  # one LR: no verdict
+  at_unigram_level = dict(run(1e-2), no_context=True)
+  assert depth_frontier.max_stable_lr([run(1e-3), at_unigram_level], "keel", 256) == "0.001"
 
 
 def test_grad_ratio_is_the_geometric_mean_over_the_last_steps_and_zero_once_the_bottom_underflows():
