@@ -134,11 +134,11 @@ def report(study, s) -> str:
       md += f"| {r['depth']} | {norm}, {mode} | " + " | ".join(
           f"{float(r[f'{norm}_{mode}_sigma{x:g}']['ratio']):.3g}" for x in s["sigmas"]) + " |\n"
   fig, axes = common.figure(2, 1, w=4.4)
-  for r in init:
+  for i, r in enumerate(init):  # colour: depth; line style: perturbation
     for (norm, mode), ls in zip(PERTURBATIONS, ("-", "--", ":")):
       axes[0][0].plot(s["sigmas"], np.maximum(common.nanify([r[f"{norm}_{mode}_sigma{x:g}"]["ratio"] for x in s["sigmas"]]),
-                                              1e-30), "o" + ls, label=f"L={r['depth']} {norm} {mode}")
-  axes[0][0].set(yscale="log", xlabel="gain spread sigma", ylabel="grad ratio block 1 / last",
+                                              1e-30), "o" + ls, color=f"C{i}", label=f"L={r['depth']} {norm} {mode}")
+  axes[0][0].set(yscale="log", xlabel="gain spread sigma", ylabel="grad ratio block 1 / last (floored at 1e-30)",
                  title="Keel at init, perturbed gains")
   axes[0][0].legend(fontsize=6)
   for r in init:
