@@ -148,7 +148,7 @@ def report(study, s) -> str:
                  title=f"norm_out gains, coherent, sigma {s['sigmas'][1]:g}")
   axes[0][1].legend(fontsize=6)
   common.savefig(fig, study.png("init"))
-  trained = [r for k, r in runs.items() if k.startswith("trained_")]
+  trained = sorted((r for k, r in runs.items() if k.startswith("trained_")), key=lambda r: r["sublayers"])
   if trained:
     md += "\nTrained Keel runs: outer gains and gradient (sub-layer k = 0 at the bottom):\n\n"
     md += ("| run | step | log-gain std over channels (mean over sub-layers) | coherence | compounded log-gain spread "
