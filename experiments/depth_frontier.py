@@ -24,6 +24,7 @@ prod alpha / sqrt(alpha^2 + 1) with alpha = L).
 
   python experiments/depth_frontier.py --out out/depth_frontier --size cpu --part grid --publish docs/results
   python experiments/depth_frontier.py --out out/depth_frontier --size cpu --part deepest --publish docs/results
+      (or one block per process: --part deepest --blocks keel, --blocks pre_ln, ...)
   python experiments/depth_frontier.py --out out/depth_frontier --size cpu --part publish --publish docs/results
 
 Reruns reuse finished runs (a killed deepest run resumes from its checkpoint). `--publish DIR` writes
@@ -177,6 +178,7 @@ def grid_data_config(s: dict):
 
 
 def deepest_config(s: dict, block: str):
+  """(`arg`, config): configs/keel_10k.py for `block` with this size's overrides."""
   arg = ",".join(filter(None, [f"block={block}", s["deepest"]["arg"]]))
   return arg, common.load_config_file("keel_10k", arg)
 
