@@ -346,7 +346,9 @@ def plots(s: dict, runs: list[dict], deepest: list[dict], png) -> list[str]:
   Ls = sorted({r["sublayers"] for r in main})
   if not Ls:
     return written
-  entropy = next((r["unigram_entropy"] for r in runs), None)
+  entropy = next((r["unigram_entropy"] for r in runs), None)  # references: training loss ...
+  unigram_val = next((r["unigram_eval_loss"] for r in runs if "unigram_eval_loss" in r), None)  # ... validation loss
+  reference = {"final_train_loss": (entropy, "unigram entropy"), "best_eval_loss": (unigram_val, "unigram model")}
   # best validation loss versus depth, spread over seeds
   fig, axes = common.figure(2, 1, w=4.6)
   for ax, key in zip(axes[0], ("best_eval_loss", "final_train_loss")):
@@ -358,13 +360,15 @@ def plots(s: dict, runs: list[dict], deepest: list[dict], png) -> list[str]:
           xs.append(L), mean.append(np.mean(v)), lo.append(np.mean(v) - min(v)), hi.append(max(v) - np.mean(v))
       if xs:
         ax.errorbar(xs, mean, yerr=[lo, hi], fmt="o-", capsize=3, color=common.block_color(b), label=b)
-    if entropy:
-      ax.axhline(entropy, color="gray", ls=":", lw=1, label="unigram entropy")
+    ref, label = reference[key]
+    if ref:
+      ax.axhline(ref, color="gray", ls=":", lw=1, label=label)
     ax.set(xscale="log", xlabel="sub-layers L", ylabel=key.replace("_", " ") + " (nats)",
            title=f"LR {s['lr']:g}, {s['steps']} steps, min-max over seeds")
     ax.set_xticks(Ls, [str(L) for L in Ls])
     ax.minorticks_off()
-  axes[0][0].legend(fontsize=7)
+  for ax in axes[0]:
+    ax.legend(fontsize=7)
   common.savefig(fig, png("loss_vs_depth")); written.append(png("loss_vs_depth"))
   # training curves per depth (20-step median; seeds as separate thin lines)
   fig, axes = common.figure(len(Ls), 1, w=3.4)
@@ -405,9 +409,9 @@ def plots(s: dict, runs: list[dict], deepest: list[dict], png) -> list[str]:
         rs = sorted((r for r in runs if r["block"] == b and r["sublayers"] == L and r["seed"] == 0), key=lambda r: r["lr"])
         ax.plot([r["lr"] for r in rs], common.nanify([r["best_eval_loss"] for r in rs]), "o-",
                 color=common.block_color(b), label=b)
-      if entropy:
-        ax.axhline(entropy, color="gray", ls=":", lw=1)
-      ax.set(xscale="log", title=f"L={L}, seed 0", xlabel="peak LR", ylabel="best val loss (nats)")
+      if unigram_val:
+        ax.axhline(unigram_val, color="gray", ls=":", lw=1)
+      ax.set(xscale="log", title=f"L={L}, seed 0; dotted: unigram model", xlabel="peak LR", ylabel="best val loss (nats)")
     axes[0][0].legend(fontsize=6)
     common.savefig(fig, png("loss_vs_lr")); written.append(png("loss_vs_lr"))
   return written
