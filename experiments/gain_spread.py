@@ -98,7 +98,8 @@ def run_trained(workdir: str) -> dict:
   every = max(L // 500, 1)
   return {"workdir": os.path.relpath(workdir), "block": run.model_cfg.block, "sublayers": L, "step": run.step,
           "gain_std": gains.std(axis=1)[::every], "coherence": gain_coherence(gains),
-          "mean_log_gain_std": float(np.log(np.abs(gains)).std(axis=1).mean()), "compounded_spread": compounded_log_gain_spread(gains)[::every],
+          "mean_log_gain_std": float(np.log(np.abs(gains)).std(axis=1).mean()),
+          "compounded_spread": compounded_log_gain_spread(gains)[::every],
           "grad_norm": common.nanify(last["sublayer_grad_norm"])[::every], "grad_step": last["step"], "every": every}
 
 
