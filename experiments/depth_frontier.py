@@ -33,6 +33,7 @@ DIR/depth_frontier.json (a `runs` list and the `deepest` entry, merged from both
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import math
@@ -44,6 +45,7 @@ import sys
 import time
 
 import common
+import ml_collections
 import numpy as np
 from gradient_flow import paper_prediction
 from max_lr import find_divergence
@@ -88,9 +90,7 @@ def parse_args() -> argparse.Namespace:
 
 def unigram_entropy(tokens: np.ndarray) -> float:
   """Entropy in nats of the token frequencies of `tokens`: the loss of the best context-free model."""
-  p = np.bincount(np.asarray(tokens).ravel()) / np.asarray(tokens).size
-  p = p[p > 0]
-  return float(-np.sum(p * np.log(p)))
+  return unigram_cross_entropy(tokens, tokens)
 
 
 def data_entropy(data_cfg) -> float:
@@ -110,13 +110,20 @@ def unigram_cross_entropy(train_tokens: np.ndarray, eval_targets: np.ndarray) ->
     return float(-np.mean(np.log(q[eval_targets])))
 
 
-def unigram_eval_loss(data_cfg) -> float:
-  """What a model that ignores context scores on the trainer's validation batches: a run whose best
-  validation loss is not below it learned byte frequencies and nothing else."""
+@functools.lru_cache(maxsize=None)
+def _unigram_eval_loss(data_json: str) -> float:
   from keel_jax import data
+  data_cfg = ml_collections.ConfigDict(json.loads(data_json))
   token_data, _ = data.load_token_data(data_cfg, None)
   batches = data.eval_batches(token_data.val, data_cfg.seq_len, data_cfg.batch_size, data_cfg.eval_batches)
   return unigram_cross_entropy(token_data.train, np.concatenate([np.asarray(b["tokens"])[:, 1:] for b in batches]))
+
+
+def unigram_eval_loss(data_cfg) -> float:
+  """What a model that ignores context scores on the trainer's validation batches: a run whose best
+  validation loss is not below it learned byte frequencies and nothing else. Computed once per data config
+  (the grid and the deepest runs share theirs)."""
+  return _unigram_eval_loss(data_cfg.to_json())
 
 
 def grad_ratio(records: list[dict]) -> float:
